@@ -1,0 +1,148 @@
+"""from_pretrained / save_pretrained: HF checkpoint directories <-> `Decoder`.
+
+Loading walks the model's key table (`hfjax.models.key_tables`): for each row it reads ONE
+tensor lazily through `bridge.open_checkpoint`, applies the row's hook (transpose), casts it
+and places it on device — straight into its sharding when a mesh is given (each device
+receives only its slice, via `jax.make_array_from_callback`). Host memory therefore holds at
+most one tensor beyond what has already been placed; the full model never exists twice.
+
+Export walks the same table the other way and writes with `bridge.save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bridge.checkpoint import open_checkpoint, save_checkpoint
+from bridge.errors import CheckpointError
+from hfjax.models.config import ModelConfig, ModelConfigError
+from hfjax.models.key_tables import (
+    IGNORED_HF_SUFFIXES,
+    hf_shape,
+    iter_params,
+    key_table,
+    set_path,
+)
+from hfjax.models.model import Decoder
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+           "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(_DTYPES)})") from None
+
+
+def _sharding_for(axes: tuple[str | None, ...], mesh: Mesh | None,
+                  rules: Sequence[tuple[str, Any]] | None) -> NamedSharding | None:
+    if mesh is None:
+        return None
+    from flax import linen as nn
+
+    spec = nn.logical_to_mesh_axes(PartitionSpec(*axes), rules or ())
+    return NamedSharding(mesh, spec)
+
+
+def _place(x: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def from_pretrained(path: str | Path, dtype: Any = None, *, mesh: Mesh | None = None,
+                    rules: Sequence[tuple[str, Any]] | None = None) -> Decoder:
+    """Load an HF Llama / Qwen2 / Mistral checkpoint directory into a `Decoder`.
+
+    ``dtype``: parameter (and compute) dtype, e.g. ``jnp.float32`` or ``"bfloat16"``; ``None``
+    keeps each tensor's stored dtype. ``mesh`` + ``rules`` (logical axis -> mesh axes) place
+    every tensor straight into its sharding.
+    """
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    with open_checkpoint(path) as reader:
+        cfg = ModelConfig.from_hf(reader.config, source=str(path / "config.json"))
+        table = key_table(cfg)
+        keys = set(reader.keys())
+        wanted = {spec.hf for spec in table}
+        missing = sorted(wanted - keys)
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise CheckpointError(
+                f"{path}: checkpoint lacks {', '.join(missing[:3])}{more}")
+        extra = sorted(k for k in keys - wanted
+                       if not k.endswith(IGNORED_HF_SUFFIXES)
+                       and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
+        if extra:
+            more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+            raise CheckpointError(
+                f"{path}: checkpoint has tensors this {cfg.model_type} model does not use: "
+                f"{', '.join(extra[:3])}{more}")
+        params: dict = {}
+        for spec in table:
+            shape = tuple(reader.shape(spec.hf))
+            if shape != hf_shape(spec, cfg):
+                raise CheckpointError(
+                    f"{path}: {spec.hf} has shape {shape}, config.json implies "
+                    f"{hf_shape(spec, cfg)}")
+            x = spec.to_ours(reader.get(spec.hf))
+            if dtype is not None:
+                x = x.astype(dtype)
+            set_path(params, spec.ours, _place(x, _sharding_for(spec.axes, mesh, rules)))
+            del x
+    return Decoder(config=cfg, params=params, path=str(path))
+
+
+def hf_tensors(decoder: Decoder, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF key, numpy array) for every parameter, one at a time (for export)."""
+    dtype = resolve_dtype(dtype)
+    for spec, x in iter_params(decoder.params, decoder.config):
+        arr = np.asarray(jax.device_get(x if dtype is None else x.astype(dtype)))
+        yield spec.hf, spec.to_hf(arr)
+
+
+def save_pretrained(decoder: Decoder, path: str | Path, *, dtype: Any = None,
+                    max_shard_bytes: int | None = None) -> Path:
+    """Write an HF checkpoint directory (config.json + safetensors) that transformers loads."""
+    cfg_dict = decoder.config.to_hf_dict()
+    if dtype is not None:
+        cfg_dict["dtype"] = np.dtype(resolve_dtype(dtype)).name
+    else:
+        cfg_dict["dtype"] = np.dtype(decoder.dtype).name
+    return save_checkpoint(path, hf_tensors(decoder, dtype), cfg_dict,
+                                  max_shard_bytes=max_shard_bytes)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
+                std: float = 0.02) -> dict:
+    """Random params for ``cfg`` (normal(0, std) weights, zero biases, unit norms)."""
+    from hfjax.models.key_tables import our_shape
+
+    params: dict = {}
+    table = key_table(cfg)
+    keys = jax.random.split(key, len(table))
+    for k, spec in zip(keys, table, strict=True):
+        shape = our_shape(spec, cfg)
+        if spec.axes == ("norm",):
+            x = jnp.ones(shape, dtype)
+        elif spec.ours[-1] == "bias":
+            x = jnp.zeros(shape, dtype)
+        else:
+            x = (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+        set_path(params, spec.ours, x)
+    return params
+
+
+__all__ = ["ModelConfigError", "from_pretrained", "hf_tensors", "init_params", "resolve_dtype",
+           "save_pretrained"]

@@ -1,0 +1,247 @@
+"""ModelConfig: the one config of the llama-like decoder, with the family deltas as fields.
+
+Families are deltas of Llama (STYLE habit 1):
+
+| family  | delta                                                        |
+|---------|--------------------------------------------------------------|
+| llama   | (core) optional q/k/v/o and MLP biases; Llama 3 rope scaling |
+| qwen2   | q/k/v biases; optional sliding window on some layers         |
+| mistral | sliding-window attention on every layer                      |
+
+`from_hf` reads a Hugging Face `config.json` (through transformers' own config classes, so
+old-style `rope_theta`/`rope_scaling` fields are normalised the way transformers does) and
+**refuses by name** every attribute that would change the math and that we do not implement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+class ModelConfigError(ValueError):
+    """An HF config that we cannot run faithfully (one line, naming the file and the field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str  # "llama" | "qwen2" | "mistral"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Llama 3 rope scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None for plain RoPE. Stored as a sorted tuple so
+    # the config stays hashable (it is a static argument of jitted functions).
+    rope_llama3: tuple[tuple[str, float], ...] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # q/k/v projections have a bias (Qwen2; Llama attention_bias)
+    o_bias: bool = False  # o_proj has a bias (Llama attention_bias)
+    mlp_bias: bool = False  # gate/up/down have biases (Llama mlp_bias)
+    # Per-layer sliding window (None = full causal attention on that layer).
+    sliding_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    # ------------------------------------------------------------------ HF <-> ours
+    @classmethod
+    def from_hf(cls, hf: Any, *, source: str = "config.json") -> ModelConfig:
+        """From a transformers `PretrainedConfig`, a config dict, or a checkpoint directory."""
+        hf = _as_hf_config(hf, source)
+        where = source
+        mt = getattr(hf, "model_type", None)
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(
+                f"{where}: model_type {mt!r} is not supported (supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        _refuse_unsupported(hf, where)
+        n_layers = hf.num_hidden_layers
+        heads = hf.num_attention_heads
+        kv = getattr(hf, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+        llama3 = None
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
+            missing = [k for k in keys if k not in rope]
+            if missing:
+                raise ModelConfigError(f"{where}: llama3 rope_parameters lack {missing}")
+            llama3 = tuple(sorted((k, float(rope[k])) for k in keys))
+        elif rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelConfigError(
+                f"{where}: rope type {rope_type!r} is not supported (supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ModelConfigError(f"{where}: partial_rotary_factor != 1 is not supported")
+
+        windows: tuple[int | None, ...]
+        if mt == "mistral":
+            w = getattr(hf, "sliding_window", None)
+            windows = (w,) * n_layers
+        elif mt == "qwen2":
+            w = getattr(hf, "sliding_window", None)
+            types = getattr(hf, "layer_types", None) or ["full_attention"] * n_layers
+            use = getattr(hf, "use_sliding_window", False)
+            windows = tuple(
+                w if (use and t == "sliding_attention" and w) else None for t in types
+            )
+        else:
+            windows = (None,) * n_layers
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            model_type=mt,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.rms_norm_eps),
+            rope_theta=theta,
+            rope_llama3=llama3,
+            max_position_embeddings=int(getattr(hf, "max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=(mt == "qwen2") or attention_bias,
+            o_bias=attention_bias and mt == "llama",
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)) and mt == "llama",
+            sliding_windows=windows,
+            bos_token_id=getattr(hf, "bos_token_id", None),
+            eos_token_id=_eos(getattr(hf, "eos_token_id", None)),
+            pad_token_id=getattr(hf, "pad_token_id", None),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A `config.json` dict that transformers reads back into the same model."""
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_llama3 is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dict(self.rope_llama3)}
+            rope["original_max_position_embeddings"] = int(
+                rope["original_max_position_embeddings"]
+            )
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "mistral": "MistralForCausalLM"}[self.model_type]
+        d: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+            else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "dtype": "float32",
+        }
+        if self.model_type == "llama":
+            d["attention_bias"] = self.qkv_bias
+            d["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_windows[0] if self.sliding_windows else None
+        if self.model_type == "qwen2":
+            ws = [w for w in self.sliding_windows if w]
+            d["use_sliding_window"] = bool(ws)
+            d["sliding_window"] = ws[0] if ws else None
+            d["layer_types"] = ["sliding_attention" if w else "full_attention"
+                                for w in self.sliding_windows]
+            d["max_window_layers"] = self.num_hidden_layers
+        return d
+
+
+def _eos(x: Any) -> int | tuple[int, ...] | None:
+    if isinstance(x, list | tuple):
+        return tuple(int(v) for v in x)
+    return x
+
+
+def _as_hf_config(hf: Any, source: str) -> Any:
+    import transformers
+
+    if isinstance(hf, str | Path):
+        path = Path(hf)
+        cfg_file = path / "config.json" if path.is_dir() else path
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except FileNotFoundError as e:
+            raise ModelConfigError(f"{cfg_file}: config file not found") from e
+        except json.JSONDecodeError as e:
+            raise ModelConfigError(f"{cfg_file}: invalid JSON ({e.msg}, line {e.lineno})") from e
+    if isinstance(hf, dict):
+        mt = hf.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(
+                f"{source}: model_type {mt!r} is not supported (supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        d = dict(hf)
+        d.pop("model_type", None)
+        hf = transformers.AutoConfig.for_model(mt, **d)
+    return hf
+
+
+# Attributes whose non-default values change the math and that we do not implement.
+_MUST_EQUAL: dict[str, Any] = {
+    "hidden_act": "silu",
+    "pretraining_tp": 1,
+    "attention_dropout": 0.0,
+}
+
+
+def _refuse_unsupported(hf: Any, where: str) -> None:
+    for name, expected in _MUST_EQUAL.items():
+        if hasattr(hf, name):
+            v = getattr(hf, name)
+            if v is not None and v != expected:
+                raise ModelConfigError(
+                    f"{where}: {name}={v!r} is not supported (only {expected!r})"
+                )
+    qc = getattr(hf, "quantization_config", None)
+    if qc:
+        raise ModelConfigError(f"{where}: quantization_config is not supported (dequantize first)")
+    if getattr(hf, "model_type", None) == "qwen2" and getattr(hf, "use_sliding_window", False):
+        types = getattr(hf, "layer_types", None)
+        if not types:
+            raise ModelConfigError(f"{where}: use_sliding_window without layer_types")
