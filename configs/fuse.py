@@ -1,0 +1,174 @@
+"""The fuse job: one HeteroFusion run (target LoRA + source LoRAs + replay data -> fused LoRA).
+
+Every default below is the paper's shared training block (SPEC §9), so a paper run only
+fills in paths. Run it with::
+
+    hfjax fuse --config configs/fuse.py \\
+        --config.target.model_path=$MODEL_ROOT/llama-3.1-8b-instruct \\
+        --config.target.adapter_path=$ADAPTER_ROOT/llama_instruct/NER_mit-movie_sft \\
+        --config.sources=qwen_conll04=$ADAPTER_ROOT/Qwen2.5/UIE/RE_conll04 \\
+        --config.data.data_root=$DATA_ROOT/uie_sample300 \\
+        --config.data.datasets=mit-movie_sample300,RE_conll04_sample300
+
+The fused adapter is written to ``<output_dir>/<task_name>/merged_lora/`` (the original's
+layout). String fields may use ``${VAR}`` / ``$VAR`` (expanded from the environment by
+``hfjax.config_io.load_config``; an unset variable is an error) and ``~``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the fuse job's config with the paper's defaults."""
+    config = ml_collections.ConfigDict()
+
+    # A free label for logs and reports (the original's `experiment_name`); not used in paths.
+    config.experiment_name = ""
+    # This task's name: the export goes to <output_dir>/<task_name>/merged_lora/.
+    config.task_name = "heterofusion"
+    # Root folder of this run; every task of a multi-task file writes below it.
+    config.output_dir = "outputs"
+    # The one seed everything derives from (data order, network init, RDM draws). The first
+    # release was unseeded; its later release defaults to 42.
+    config.seed = 42
+
+    # The target: the base model that will carry the fused adapter, and its LoRA.
+    config.target = ml_collections.ConfigDict()
+    # Folder of the target base model (HF layout: config.json + safetensors shards).
+    config.target.model_path = ""
+    # PEFT folder of the target LoRA (adapter_config.json + adapter_model.safetensors/.bin).
+    config.target.adapter_path = ""
+    # Chat template of the replay data: "llama3" | "qwen" | "mistral" (LlamaFactory 0.9.2's),
+    # or "auto" = from the base model's model_type (llama -> llama3, qwen2 -> qwen, mistral).
+    config.target.template = "auto"
+    # Multi-task chaining: the name of an earlier task of the same file whose export is this
+    # task's target adapter ("" = none). Set by load_config; adapter_path then points at that
+    # task's merged_lora/, which only exists once that task has run.
+    config.target.from_task = ""
+
+    # The source experts, in order (order fixes their token positions, SPEC §2): a tuple of
+    # ConfigDicts {name, adapter_path}. On the command line either "name=path,name=path" or
+    # "path,path" (names from the folder names), or a single one as sources.0.adapter_path=...
+    config.sources = ()
+
+    # The replay data (SPEC §8): Alpaca-style JSON records, all tasks pooled and shuffled.
+    config.data = ml_collections.ConfigDict()
+    # Folder that holds <name>.json (or .jsonl) for every dataset below.
+    config.data.data_root = ""
+    # Dataset names (file stems under data_root); on the command line "a,b,c".
+    config.data.datasets = ()
+    # Maximum tokens per example (prompt + response, truncated as LlamaFactory's infer_seqlen).
+    config.data.cutoff_len = 1024
+    # Smallest padded sequence length: examples are padded up to power-of-two buckets from
+    # here to cutoff_len, so that only a few shapes are ever compiled.
+    config.data.min_bucket = 64
+
+    # The transfer network (SPEC §3-§5), one per (module type, rank) group.
+    config.fusion = ml_collections.ConfigDict()
+    # Rows per block token: LoRA factors are cut into blocks of block_size rows (the original
+    # hard-codes 4096; its later release makes it a field).
+    config.fusion.block_size = 4096
+    # Width E of the encoder and of the attention.
+    config.fusion.embed_dim = 1024
+    # Attention heads (must divide embed_dim).
+    config.fusion.num_heads = 8
+    # Size of the learned positional table: the most block tokens one side may have.
+    config.fusion.max_pos = 4096
+    # Gate shift: gate = clip(relu(logits + mu_gate), 0, 1). A fixed constant, not learned.
+    config.fusion.mu_gate = 0.1
+    # Initial value of each group's learnable scale alpha in B' = B + alpha * dB.
+    config.fusion.alpha_init = 0.3
+    # Share of the tail-aligned layer pairs that transfer: a float in (0, 1] or "a/b".
+    config.fusion.transfer_ratio = config_dict.FieldReference(1.0, field_type=object)
+    # The denoising gate: "svd" (SVD-guided sparse gate, the paper) or "open" (gate = 1, the
+    # "w/o denoising" ablation).
+    config.fusion.gate = "svd"
+    # Ablation: replace every source tensor by zeros (does the gain come from the sources?).
+    config.fusion.zero_sources = False
+    # Transfer networks are keyed by (group_name, module type, rank); a later task of the same
+    # file with the same group_name continues training the earlier task's networks, as the
+    # original's cache does (its `fusion_group_name`).
+    config.fusion.group_name = "heterofusion_transfer"
+    # Multi-task chaining: the earlier task whose trained networks initialise this task's
+    # ("" = fresh init). Set by load_config from group_name; alphas always start at alpha_init.
+    config.fusion.reuse_from = ""
+
+    # The RDM regulariser (SPEC §6), a sliced-Wasserstein pull of the embeddings towards
+    # relu(N(mu_target, sigma_target)).
+    config.rdm = ml_collections.ConfigDict()
+    # Weight of the RDM term in loss = LM + lambda_reg * mean-over-groups RDM.
+    config.rdm.lambda_reg = 0.005
+    # Mean of the Gaussian reference sample.
+    config.rdm.mu_target = 0.0
+    # Standard deviation of the Gaussian reference sample.
+    config.rdm.sigma_target = 1.0
+    # Number of random unit projections per RDM evaluation.
+    config.rdm.num_projections = 2048
+    # Rectifier applied to embeddings and reference: "relu" (the code) or "prelu" (the paper).
+    config.rdm.activation = "relu"
+    # How the projected samples are sorted: "xla" (jnp.sort, fast on GPU), "host" (rank-match
+    # on the host, exact and much faster on CPU), or "auto" (host on CPU, xla elsewhere).
+    config.rdm.sort = "auto"
+
+    # The optimisation (SPEC §7): AdamW + linear warmup + cosine decay, no clipping.
+    config.train = ml_collections.ConfigDict()
+    # Passes over the pooled replay set.
+    config.train.epochs = 3
+    # Peak learning rate.
+    config.train.lr = 5e-5
+    # Warmup steps = int(warmup_ratio * total optimizer steps); the first update runs at lr 0.
+    config.train.warmup_ratio = 0.05
+    # AdamW decoupled weight decay (applied to the alphas too, as in the original).
+    config.train.weight_decay = 0.01
+    # AdamW first-moment decay.
+    config.train.b1 = 0.9
+    # AdamW second-moment decay.
+    config.train.b2 = 0.999
+    # AdamW epsilon.
+    config.train.eps = 1e-8
+    # Examples per micro-batch.
+    config.train.batch_size = 1
+    # Micro-batches per optimizer step.
+    config.train.grad_accum = 8
+    # Stop after this many optimizer steps (-1 = run all epochs); the schedule still spans
+    # the full run, so a capped run is a prefix of the full one.
+    config.train.max_steps = -1
+    # Dtype of the frozen base model's weights ("bfloat16" as the original, or "float32").
+    config.train.base_dtype = "bfloat16"
+    # Log losses and alphas every this many optimizer steps.
+    config.train.log_every = 1
+    # Save a resumable checkpoint every this many optimizer steps.
+    config.train.checkpoint_every = 50
+    # Checkpoints kept on disk (older ones are deleted).
+    config.train.keep_checkpoints = 2
+    # Rematerialise the base model's decoder layers in the backward pass (less memory).
+    config.train.remat = False
+
+    # Device mesh and sharding (logical axes in code, their mesh mapping here).
+    config.mesh = ml_collections.ConfigDict()
+    # Data-parallel mesh axis size (-1 = all devices not used by the other axes).
+    config.mesh.data = -1
+    # Fully-sharded (parameter-sharding) mesh axis size.
+    config.mesh.fsdp = 1
+    # Tensor-parallel mesh axis size.
+    config.mesh.tensor = 1
+    # Logical axis -> mesh axis (a name, a tuple of names, or None = replicated).
+    config.mesh.rules = (
+        ("batch", ("data", "fsdp")),  # examples of a micro-batch
+        ("seq", None),  # token positions
+        ("embed", "fsdp"),  # the model's hidden size
+        ("heads", "tensor"),  # query heads
+        ("kv_heads", "tensor"),  # key/value heads
+        ("head_dim", None),  # per-head width
+        ("mlp", "tensor"),  # MLP intermediate size
+        ("vocab", "tensor"),  # vocabulary
+        ("lora_r", None),  # LoRA rank: never sharded
+        ("block", "fsdp"),  # a block token's block_size * r values (the big network dim)
+        ("fusion_embed", None),  # the transfer network's width E
+        ("tokens", None),  # block tokens of a module's context
+    )
+
+    return config

@@ -1,0 +1,156 @@
+"""The `hfjax` command: thin wrappers over library functions (no logic a Python user lacks).
+
+    hfjax fuse --config FILE[:ARG] [--config.FIELD=VALUE ...] [--dry_run]
+    hfjax train-lora --config FILE [--config.FIELD=VALUE ...]
+    hfjax eval --model DIR [--adapter DIR] --data FILE.json [--out DIR]
+    hfjax demo [--out DIR] [--fast]
+    hfjax bench [...]
+
+Config files are ml_collections Python files (``get_config()``) or the original release's
+YAML layout (see `hfjax.config_io`). Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--config.x=y`` / ``--config.x y`` overrides from the other arguments."""
+    rest, overrides = [], []
+    it = iter(range(len(argv)))
+    for i in it:
+        a = argv[i]
+        if a.startswith("--config."):
+            if "=" in a:
+                overrides.append(a[len("--"):])
+            elif i + 1 < len(argv):
+                overrides.append(f"{a[len('--'):]}={argv[i + 1]}")
+                next(it, None)
+            else:
+                raise SystemExit(f"hfjax: error: {a} needs a value")
+        else:
+            rest.append(a)
+    return rest, overrides
+
+
+def cmd_fuse(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.config_io import load_config, validate_configs
+    from hfjax.training.fuse_loop import run_fusion
+
+    configs = load_config(args.config, overrides)
+    validate_configs(configs, check_paths=not args.dry_run)
+    for i, cfg in enumerate(configs):
+        if len(configs) > 1:
+            print(f"== task {i + 1}/{len(configs)}: {cfg.task_name}", file=sys.stderr)
+        if args.dry_run and not os.path.exists(cfg.target.adapter_path) and i > 0:
+            print(f"(target adapter {cfg.target.adapter_path} is produced by task "
+                  f"{cfg.target.from_task}; planning with the first task's target)")
+            cfg = cfg.unlock()
+            cfg.target.adapter_path = configs[0].target.adapter_path
+        res = run_fusion(cfg, dry_run=args.dry_run, progress=not args.quiet)
+        if not args.dry_run:
+            run = res.report.get("run", {})
+            print(f"fused adapter: {res.adapter_dir}")
+            print(f"report: {res.output_dir / 'fusion_report.json'}  steps {res.steps}, "
+                  f"compilations {run.get('compilations')}, "
+                  f"{run.get('tokens_per_second')} tokens/s")
+    return 0
+
+
+def cmd_train_lora(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.training.lora_train import main as train_main
+
+    return train_main(args.config, overrides, quiet=args.quiet)
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.eval.run import main as eval_main
+
+    return eval_main(args)
+
+
+def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.demo.pipeline import main as demo_main
+
+    return demo_main(args)
+
+
+def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hfjax", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fuse", help="fuse source LoRAs into a target LoRA (HeteroFusion)")
+    f.add_argument("--config", required=True, help="config file: FILE.py[:ARG] or FILE.yaml")
+    f.add_argument("--dry_run", action="store_true",
+                   help="print the plan (layer maps, groups, tokens, params, memory) and exit")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fuse)
+
+    t = sub.add_parser("train-lora", help="train a PEFT-compatible LoRA expert in JAX")
+    t.add_argument("--config", required=True, help="config file (see configs/train_lora.py)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train_lora)
+
+    e = sub.add_parser("eval", help="greedy generation + UIE/classification metrics")
+    e.add_argument("--model", required=True, help="HF checkpoint directory")
+    e.add_argument("--adapter", default=None, help="PEFT LoRA directory (optional)")
+    e.add_argument("--data", required=True, help="Alpaca JSON file")
+    e.add_argument("--template", default="auto", help="llama3 | qwen | mistral | auto")
+    e.add_argument("--out", default="eval_out", help="output directory")
+    e.add_argument("--batch_size", type=int, default=8, help="generation batch size")
+    e.add_argument("--max_new_tokens", type=int, default=64, help="generation length limit")
+    e.add_argument("--limit", type=int, default=0, help="evaluate the first N records (0: all)")
+    e.add_argument("--task", default="auto", help="uie | classification | auto")
+    e.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the whole pipeline on a synthetic heterogeneous zoo")
+    d.add_argument("--out", default="demo_out", help="output directory (stages are cached)")
+    d.add_argument("--fast", action="store_true", help="tiny sizes (a minute or two)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks (see scripts/bench.py)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    func: Callable[[argparse.Namespace, list[str]], int] = args.func
+    try:
+        return func(args, overrides)
+    except KeyboardInterrupt:
+        print("hfjax: interrupted (the latest checkpoint is kept; rerun to resume)",
+              file=sys.stderr)
+        return 130
+    except ValueError as e:  # AdapterError, ConfigError, DataError, FusionError, ...
+        print(f"hfjax: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as e:
+        print(f"hfjax: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RuntimeError as e:
+        print(f"hfjax: run failed: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
