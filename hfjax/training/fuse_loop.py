@@ -41,8 +41,8 @@ from hfjax.loading import from_pretrained, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
-from hfjax.training.fuse_step import FuseStatics, make_fuse_step, run_networks
-from hfjax.training.optim import adamw, total_steps
+from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
+from hfjax.training.optim import total_steps
 
 FAMILY_TEMPLATE = {"llama": "llama3", "qwen2": "qwen", "mistral": "mistral"}
 
@@ -233,9 +233,15 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def statics_from(cfg: Any, plan: FusionPlan, model_cfg: ModelConfig) -> FuseStatics:
-    f, r = cfg.fusion, cfg.rdm
-    return FuseStatics(plan=plan, model=model_cfg, embed_dim=f.embed_dim, num_heads=f.num_heads,
+def statics_from(cfg: Any, plan: FusionPlan, model_cfg: ModelConfig,
+                 steps: int = 1) -> FuseStatics:
+    f, r, tr = cfg.fusion, cfg.rdm, cfg.train
+    optim = (("lr", float(tr.lr)), ("steps", int(steps)),
+             ("warmup_ratio", float(tr.warmup_ratio)),
+             ("b1", float(tr.b1)), ("b2", float(tr.b2)), ("eps", float(tr.eps)),
+             ("weight_decay", float(tr.weight_decay)))
+    return FuseStatics(optim=optim, plan=plan, model=model_cfg, embed_dim=f.embed_dim,
+                       num_heads=f.num_heads,
                        max_pos=f.max_pos, mu_gate=float(f.mu_gate), gate=f.gate,
                        lambda_reg=float(r.lambda_reg), mu_target=float(r.mu_target),
                        sigma_target=float(r.sigma_target), num_projections=r.num_projections,
@@ -264,11 +270,10 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
         base_params = from_pretrained(cfg.target.model_path, dtype=base_dtype).params
     frozen = {"base": base_params, "adapter": inp.target.to_jax(jnp.float32),
               "contexts": jax.tree.map(jnp.asarray, inp.contexts)}
-    st = statics_from(cfg, inp.plan, inp.model_cfg)
     n_batches = num_batches(len(inp.replay), tr.batch_size)
     steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
-    optimizer = adamw(tr.lr, steps, warmup_ratio=tr.warmup_ratio, b1=tr.b1, b2=tr.b2,
-                      eps=tr.eps, weight_decay=tr.weight_decay)
+    st = statics_from(cfg, inp.plan, inp.model_cfg, steps)
+    optimizer = st.optimizer
     key = jax.random.PRNGKey(cfg.seed)
     init_key, rdm_key = jax.random.split(key)
     f = cfg.fusion
@@ -301,7 +306,7 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
     stream = micro_batch_stream(inp.replay, batch_size=tr.batch_size, epochs=tr.epochs,
                                 seed=cfg.seed, buckets=buckets, pad_id=pad_id,
                                 start=start_step * tr.grad_accum)
-    step_fn = make_fuse_step(st, optimizer)
+    compiles_before = _compiles()
     bar = _progress(total=steps, initial=start_step, enabled=progress, desc=cfg.task_name)
     tokens_seen = 0
     t_train = time.time()
@@ -314,7 +319,7 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
                     break
                 batch, weights = stack_window(window, tr.grad_accum, tr.batch_size, pad_id)
                 prev = state
-                state, m = step_fn(state, frozen, batch, weights, rdm_key)
+                state, m = fuse_step(state, frozen, batch, weights, rdm_key, st=st)
                 m = jax.device_get(m)
                 loss = float(m["loss"])
                 if not math.isfinite(loss):
@@ -341,7 +346,8 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
                 if stop_after is not None and step - start_step >= stop_after:
                     ckpt.save(step, state, meta)
                     ckpt.wait()
-                    return FusionResult(out_dir, None, {}, step, _compiles(step_fn), history)
+                    return FusionResult(out_dir, None, {}, step,
+                                        _compiles() - compiles_before, history)
     finally:
         bar.close()
         ckpt.wait()
@@ -349,14 +355,14 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
 
     adapter_dir, report = export(cfg, inp, state["params"], frozen, st, out_dir)
     save_networks(state["params"], out_dir)
-    report["run"] = {"steps": steps, "compilations": _compiles(step_fn),
+    report["run"] = {"steps": steps, "compilations": _compiles() - compiles_before,
                      "train_seconds": round(train_time, 3),
                      "steps_this_call": step - start_step,
                      "tokens_this_call": tokens_seen,
                      "tokens_per_second": round(tokens_seen / max(train_time, 1e-9), 2),
                      "resumed_from_step": start_step, "wall_seconds": round(time.time() - t0, 3)}
     _write_json_atomic(out_dir / "fusion_report.json", report)
-    return FusionResult(out_dir, adapter_dir, report, steps, _compiles(step_fn), history)
+    return FusionResult(out_dir, adapter_dir, report, steps, _compiles() - compiles_before, history)
 
 
 NETS_DIR = "transfer_nets"
@@ -395,9 +401,10 @@ def reuse_networks(params: Any, earlier_dir: Path) -> Any:
     return {**params, "nets": nets}
 
 
-def _compiles(step_fn: Any) -> int:
+def _compiles() -> int:
+    """Compiled variants of the fuse step so far in this process."""
     try:
-        return int(step_fn._cache_size())
+        return int(fuse_step._cache_size())
     except AttributeError:  # pragma: no cover - private API
         return -1
 
@@ -409,9 +416,12 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
                 unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
+_run_networks_jit = jax.jit(run_networks, static_argnums=2)
+
+
 def fused_B_numpy(params: Any, frozen: dict[str, Any], st: FuseStatics
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    new_B, _, attn = jax.jit(run_networks, static_argnums=2)(params, frozen, st)
+    new_B, _, attn = _run_networks_jit(params, frozen, st)
     return {k: np.asarray(v) for k, v in new_B.items()}, jax.device_get(attn)
 
 

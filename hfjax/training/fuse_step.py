@@ -19,6 +19,7 @@ are frozen arguments.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
@@ -29,6 +30,7 @@ from hfjax.fusion import average_rdm, fused_B, predict_delta_B
 from hfjax.fusion.plan import FusionPlan
 from hfjax.models.config import ModelConfig
 from hfjax.training.objective import lm_loss
+from hfjax.training.optim import adamw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,13 @@ class FuseStatics:
     activation: str
     sort: str
     remat: bool = False
+    # AdamW + cosine schedule hyper-parameters (see `hfjax.training.optim.adamw`): part of the
+    # static key so that runs with the same shapes and settings share one compilation.
+    optim: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        return adamw(**dict(self.optim))
 
     @property
     def net_kwargs(self) -> dict[str, Any]:
@@ -116,10 +125,13 @@ def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches
     return grads, metrics
 
 
+@partial(jax.jit, static_argnames=("st",), donate_argnums=(0,))
 def fuse_step(state: dict[str, Any], frozen: dict[str, Any], micro_batches: dict,
-              weights: jax.Array, key: jax.Array, *, st: FuseStatics,
-              optimizer: optax.GradientTransformation) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One optimizer update. ``state`` = {"params", "opt_state", "step"}."""
+              weights: jax.Array, key: jax.Array, *, st: FuseStatics
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One optimizer update (jitted; ``state`` is donated). ``state`` = {"params", "opt_state",
+    "step"}; compiles once per (statics, padded length bucket)."""
+    optimizer = st.optimizer
     step_key = jax.random.fold_in(key, state["step"])
     grads, metrics = loss_and_grads(state["params"], frozen, micro_batches, weights, step_key, st)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -127,12 +139,3 @@ def fuse_step(state: dict[str, Any], frozen: dict[str, Any], micro_batches: dict
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["alpha"] = params["alpha"]
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-
-def make_fuse_step(st: FuseStatics, optimizer: optax.GradientTransformation,
-                   donate: bool = True):
-    """The jitted step: ``step(state, frozen, micro_batches, weights, key)``."""
-    def step(state, frozen, micro_batches, weights, key):
-        return fuse_step(state, frozen, micro_batches, weights, key, st=st, optimizer=optimizer)
-
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
