@@ -1,0 +1,428 @@
+"""The transfer network (SPEC §4) and the fused update (SPEC §5).
+
+One :class:`TransferNet` per group reads a bucket of modules' block contexts and predicts a
+correction ``ΔB`` for each target ``B``. Worked example (``block_size = 16``, ``r = 4``,
+``E = 32``, 3 modules with ``d_in = 20``, ``d_out = 24`` and sources worth 5 tokens)::
+
+    tgt   (3, 4, 64)    # n_t = n_a + n_b = 2 + 2 tokens of 16*4 values per module
+    tgt_s (3, 4, 4)     # singular values per token
+    src   (3, 5, 64), src_s (3, 5, 4)
+    delta, attn, z_t, z_s = net.apply({"params": p}, tgt, tgt_s, src, src_s, n_a=2)
+    delta (3, 2, 64)    # only the n_b = 2 B tokens (trick 4 below)
+    attn  (3, 2, 5)     # head-averaged: which source token each B block listened to
+    z_t   (3, 4, 32), z_s (3, 5, 32)   # encoder outputs, for the RDM regulariser
+    ΔB = delta[m].reshape(-1, 4)[:24]  # (d_out, r) per module
+
+The math is the original ``HeteroFusionTransferNet`` (``torch_compat.reference_forward`` is
+a line-by-line port of it); this module computes the same numbers faster with three exact
+rewrites (PERF_NOTES tricks 2-4):
+
+- **One encoder call** on target and source tokens concatenated (they share weights and
+  every encoder op is per token).
+- **One GEMM for both views** (``col_view="kernel"``). The column view of a token is a fixed
+  permutation ``P`` of its row-major values, so ``x_T @ W_col = x @ (P W_col)``: the kernels
+  ``[W_row, P W_col]`` are concatenated (inside ``__call__``; the parameters stay the
+  original ``proj_row`` / ``proj_col``) and multiplied once. The alternative
+  ``col_view="input"`` transposes the tokens (small) instead of the kernel (big) and runs
+  two GEMMs; ``"auto"`` picks per backend (``COL_VIEW_AUTO``: "input" on CPU, where
+  the per-step kernel copies measured slower).
+- **Only B tokens query.** Target tokens never attend to each other, and the decoder
+  outputs of the ``A^T`` tokens are discarded, so queries and decoder run on ``[n_a:]``
+  only; their positions stay ``n_a .. n_t - 1``.
+
+Parameter tree of one network (flax names; torch names in ``torch_compat``)::
+
+    encoder/{input_norm, proj_row, proj_col, gate_hidden, gate_out, fusion_norm}
+    pos_embed/embedding
+    attention/{q_proj, k_proj, v_proj, out_proj}
+    decoder_hidden, decoder_out          # decoder_out starts at zero: ΔB = 0 at step 0
+
+Logical axis names (for a sharding layer; no mesh is needed): ``block`` (the
+``block_size * r`` token width: the big dimension), ``embed`` (E), ``qkv`` (attention
+projections), ``mlp`` (decoder hidden), ``gate_mlp`` (E // 4), ``lora_r`` (the rank: never
+shard it), ``pos`` (positions). ``init_fusion_params(..., boxed=True)`` keeps the
+``nn.LogicallyPartitioned`` boxes so that ``nn.get_partition_spec`` can read them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hfjax.fusion.plan import FusionError, FusionPlan
+
+Array = jax.Array
+Params = Mapping[str, Any]
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros
+_ones = nn.initializers.ones
+LN_EPS = 1e-5
+GATES = ("svd", "open")
+COL_VIEWS = ("auto", "kernel", "input")
+# col_view="auto" per backend. On this project's 2-core CPU (XLA 0.10) building the
+# concatenated kernel costs two weight-sized copies per step (forward concat, backward split)
+# and measured 0-15% slower than transposing the tokens; on accelerators the copy is cheap and
+# one wider GEMM is the better shape.
+COL_VIEW_AUTO = {"cpu": "input"}
+
+
+def _resolve_col_view(col_view: str) -> str:
+    if col_view not in COL_VIEWS:
+        raise FusionError(f"col_view must be one of {COL_VIEWS}, got {col_view!r}")
+    if col_view == "auto":
+        return COL_VIEW_AUTO.get(jax.default_backend(), "kernel")
+    return col_view
+
+
+def _gelu(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)  # torch nn.GELU() default: exact erf
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, *, dtype: Any, param_dtype: Any,
+           zero: bool = False) -> nn.Dense:
+    """``Dense`` with torch's init here: xavier-uniform kernel (or zeros) and zero bias."""
+    return nn.Dense(
+        features, name=name, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(_zeros if zero else _xavier, axes),
+        bias_init=nn.with_logical_partitioning(_zeros, (axes[1],)),
+    )
+
+
+def _layer_norm(name: str, axis: str, *, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+    """torch ``nn.LayerNorm`` semantics: eps 1e-5, two-pass variance, scale 1, bias 0."""
+    return nn.LayerNorm(
+        epsilon=LN_EPS, use_fast_variance=False, name=name, dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(_ones, (axis,)),
+        bias_init=nn.with_logical_partitioning(_zeros, (axis,)),
+    )
+
+
+class _Kernel(nn.Module):
+    """A ``Dense`` layer's parameters only (``kernel (in, out)``, ``bias (out,)``), returned
+    instead of applied, so that two kernels can be fused into one GEMM."""
+
+    in_features: int
+    features: int
+    axes: tuple[str, str]
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        kernel = self.param("kernel", nn.with_logical_partitioning(_xavier, self.axes),
+                            (self.in_features, self.features), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(_zeros, (self.axes[1],)),
+                          (self.features,), self.param_dtype)
+        return kernel, bias
+
+
+class _Encoder(nn.Module):
+    """``ConflictAwareBlockEncoder`` (SPEC §4): ``(..., bs*r)`` + ``(..., r)`` -> ``(..., E)``."""
+
+    block_size: int
+    rank: int
+    embed_dim: int
+    mu_gate: float
+    gate: str
+    col_view: str
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array, s: Array) -> Array:
+        bs, r, E = self.block_size, self.rank, self.embed_dim
+        F = bs * r
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        x = _layer_norm("input_norm", "block", **kw)(x)
+        k_row, b_row = _Kernel(F, E, ("block", "embed"), self.param_dtype, name="proj_row")()
+        k_col, b_col = _Kernel(F, E, ("block", "embed"), self.param_dtype, name="proj_col")()
+        x = x.astype(self.dtype)
+        if _resolve_col_view(self.col_view) == "kernel":
+            # Column view: token value (i, c) (row i < bs, column c < r) sits at i*r + c in x
+            # and at c*bs + i in x_T, so x_T @ W_col = x @ W' with W'[i*r + c] = W_col[c*bs + i].
+            k_col = k_col.reshape(r, bs, E).transpose(1, 0, 2).reshape(F, E)
+            kernel = jnp.concatenate([k_row, k_col], axis=1).astype(self.dtype)
+            bias = jnp.concatenate([b_row, b_col]).astype(self.dtype)
+            h = _gelu(jnp.dot(x, kernel) + bias)  # (..., 2E): one GEMM
+            feat = h[..., :E] + h[..., E:]
+        else:  # transpose the (small) tokens instead of the (big) kernel; two GEMMs
+            x_t = x.reshape(*x.shape[:-1], bs, r).swapaxes(-1, -2).reshape(x.shape)
+            feat = (_gelu(jnp.dot(x, k_row.astype(self.dtype)) + b_row.astype(self.dtype))
+                    + _gelu(jnp.dot(x_t, k_col.astype(self.dtype)) + b_col.astype(self.dtype)))
+        if self.gate == "svd":
+            g = _dense(E // 4, ("lora_r", "gate_mlp"), "gate_hidden", **kw)(s.astype(self.dtype))
+            g = _dense(E, ("gate_mlp", "embed"), "gate_out", **kw)(nn.relu(g))
+            feat = feat * jnp.clip(nn.relu(g + self.mu_gate), 0.0, 1.0)
+        return _layer_norm("fusion_norm", "embed", **kw)(feat)
+
+
+class _Attention(nn.Module):
+    """Multi-head cross-attention: no mask, no dropout, scale ``head_dim ** -0.5``."""
+
+    embed_dim: int
+    num_heads: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, q_in: Array, kv: Array) -> tuple[Array, Array]:
+        E, H = self.embed_dim, self.num_heads
+        hd = E // H
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        q = _dense(E, ("embed", "qkv"), "q_proj", **kw)(q_in)
+        k = _dense(E, ("embed", "qkv"), "k_proj", **kw)(kv)
+        v = _dense(E, ("embed", "qkv"), "v_proj", **kw)(kv)
+        q = q.reshape(*q.shape[:-1], H, hd)
+        k = k.reshape(*k.shape[:-1], H, hd)
+        v = v.reshape(*v.shape[:-1], H, hd)
+        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) * (hd ** -0.5)
+        w = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        out = jnp.einsum("...hqk,...khd->...qhd", w.astype(self.dtype), v)
+        out = out.reshape(*out.shape[:-2], E)
+        out = _dense(E, ("qkv", "embed"), "out_proj", **kw)(out)
+        return out, w.mean(axis=-3)
+
+
+class TransferNet(nn.Module):
+    """``HeteroFusionTransferNet`` for one group, batched over a bucket's modules (fast path).
+
+    Attributes:
+        block_size, rank: token geometry; a token has ``block_size * rank`` values.
+        embed_dim: E. num_heads: attention heads (E must divide by it).
+        max_pos: rows of the learned position table (positions restart at 0 for target and
+            for source tokens, so each side's token count must be <= max_pos).
+        mu_gate: the fixed gate offset. gate: ``"svd"`` (the method) or ``"open"`` (gate fixed
+            to 1: the paper's "w/o denoising" ablation; no gate parameters).
+        dtype: compute dtype (float32 by default; bf16 is an opt-in speed/numerics trade).
+        param_dtype: parameter dtype.
+        col_view: how the column view is computed (same math): ``"kernel"`` (one GEMM on the
+            concatenated ``[W_row, P W_col]`` kernel), ``"input"`` (transpose the tokens, two
+            GEMMs), ``"auto"`` (see ``COL_VIEW_AUTO``).
+    """
+
+    block_size: int
+    rank: int
+    embed_dim: int = 1024
+    num_heads: int = 8
+    max_pos: int = 4096
+    mu_gate: float = 0.1
+    gate: str = "svd"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    col_view: str = "auto"
+
+    @nn.compact
+    def __call__(self, tgt: Array, tgt_s: Array, src: Array, src_s: Array, *,
+                 n_a: int) -> tuple[Array, Array, Array, Array]:
+        """Predict the B tokens' deltas.
+
+        Args:
+            tgt: ``(M, n_t, bs*r)`` target tokens (``n_a`` of ``A^T``, then ``n_b`` of B).
+            tgt_s: ``(M, n_t, r)`` their singular values.
+            src, src_s: ``(M, n_s, bs*r)``, ``(M, n_s, r)`` source tokens.
+            n_a: (static) number of ``A^T`` tokens at the front of ``tgt``.
+
+        Returns:
+            ``delta (M, n_b, bs*r)``, ``attn (M, n_b, n_s)``, ``z_t (M, n_t, E)``,
+            ``z_s (M, n_s, E)``.
+        """
+        _check_config(self.block_size, self.rank, self.embed_dim, self.num_heads, self.gate)
+        F, E = self.block_size * self.rank, self.embed_dim
+        if tgt.ndim != 3 or src.ndim != 3 or tgt.shape[-1] != F or src.shape[-1] != F:
+            raise FusionError(f"TransferNet expects (M, n, {F}) tokens, got target {tgt.shape} "
+                              f"and source {src.shape}")
+        n_t, n_s = tgt.shape[1], src.shape[1]
+        if not 0 <= n_a < n_t:
+            raise FusionError(f"n_a={n_a} must leave at least one B token of {n_t}")
+        if max(n_t, n_s) > self.max_pos:
+            raise FusionError(f"{max(n_t, n_s)} tokens exceed max_pos={self.max_pos}")
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
+        # Trick 2: one encoder call on target and source tokens together.
+        encoder = _Encoder(self.block_size, self.rank, E, self.mu_gate, self.gate,
+                           self.col_view, name="encoder", **kw)
+        z = encoder(jnp.concatenate([tgt, src], axis=1), jnp.concatenate([tgt_s, src_s], axis=1))
+        z_t, z_s = z[:, :n_t], z[:, n_t:]
+
+        pos_embed = nn.Embed(
+            self.max_pos, E, name="pos_embed", **kw,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                        ("pos", "embed")))
+        # Trick 4: only the B tokens (positions n_a .. n_t-1) query and get decoded.
+        q_in = z_t[:, n_a:] + pos_embed(jnp.arange(n_a, n_t))
+        kv = z_s + pos_embed(jnp.arange(n_s))
+        h, attn = _Attention(E, self.num_heads, name="attention", **kw)(q_in, kv)
+        h = _gelu(_dense(E, ("embed", "mlp"), "decoder_hidden", **kw)(h))
+        delta = _dense(F, ("mlp", "block"), "decoder_out", zero=True, **kw)(h)
+        return delta, attn, z_t, z_s
+
+
+def _check_config(block_size: int, rank: int, embed_dim: int, num_heads: int, gate: str) -> None:
+    if gate not in GATES:
+        raise FusionError(f"gate must be one of {GATES}, got {gate!r}")
+    if embed_dim % num_heads:
+        raise FusionError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+    if embed_dim < 4:
+        raise FusionError(f"embed_dim {embed_dim} must be >= 4 (the gate MLP has E // 4 units)")
+    if block_size < 1 or rank < 1:
+        raise FusionError(f"block_size {block_size} and rank {rank} must be positive")
+
+
+def _net(plan: FusionPlan, rank: int, *, embed_dim: int, num_heads: int, max_pos: int,
+         mu_gate: float, gate: str, dtype: Any = jnp.float32, col_view: str = "auto"
+         ) -> TransferNet:
+    return TransferNet(block_size=plan.block_size, rank=rank, embed_dim=embed_dim,
+                       num_heads=num_heads, max_pos=max_pos, mu_gate=float(mu_gate), gate=gate,
+                       dtype=dtype, col_view=col_view)
+
+
+def _check_contexts(plan: FusionPlan, contexts: Mapping[str, Any], max_pos: int) -> None:
+    for g in plan.groups:
+        if g.name not in contexts or len(contexts[g.name]) != len(g.buckets):
+            raise FusionError(f"contexts do not match the plan for group {g.name}")
+        for b, ctx in zip(g.buckets, contexts[g.name], strict=True):
+            F = plan.block_size * g.rank
+            want = {"tgt": (len(b.modules), b.n_t, F), "tgt_s": (len(b.modules), b.n_t, g.rank),
+                    "src": (len(b.modules), b.n_s, F), "src_s": (len(b.modules), b.n_s, g.rank)}
+            for k, shape in want.items():
+                if tuple(np.shape(ctx[k])) != shape:
+                    raise FusionError(f"group {g.name}: context {k} has shape "
+                                      f"{tuple(np.shape(ctx[k]))}, the plan says {shape}")
+            if max(b.n_t, b.n_s) > max_pos:
+                raise FusionError(
+                    f"group {g.name}: {max(b.n_t, b.n_s)} tokens per module exceed "
+                    f"max_pos={max_pos}; raise max_pos or block_size")
+
+
+@functools.cache
+def _jitted_init(block_size: int, rank: int, embed_dim: int, num_heads: int, max_pos: int,
+                 mu_gate: float, gate: str) -> Any:
+    """``key -> boxed params`` of one network, jitted once per configuration."""
+    _check_config(block_size, rank, embed_dim, num_heads, gate)
+    net = TransferNet(block_size=block_size, rank=rank, embed_dim=embed_dim,
+                      num_heads=num_heads, max_pos=max_pos, mu_gate=mu_gate, gate=gate)
+    F = block_size * rank
+    dummy = (jnp.zeros((1, 2, F)), jnp.zeros((1, 2, rank)),
+             jnp.zeros((1, 1, F)), jnp.zeros((1, 1, rank)))
+    return jax.jit(lambda key: net.init(key, *dummy, n_a=1)["params"])
+
+
+def init_fusion_params(
+    plan: FusionPlan,
+    contexts: Mapping[str, Any] | None,
+    *,
+    key: Array,
+    embed_dim: int = 1024,
+    num_heads: int = 8,
+    max_pos: int = 4096,
+    mu_gate: float = 0.1,
+    gate: str = "svd",
+    alpha_init: float = 0.3,
+    boxed: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Fresh trainable state: ``{"nets": {group: params}, "alpha": {group: f32 scalar}}``.
+
+    Each network gets ``jax.random.split(key, n_groups)[i]`` (plan order). ``params`` is the
+    flax ``"params"`` collection (apply with ``net.apply({"params": p}, ...)``). ``contexts``
+    (optional) is checked against the plan and ``max_pos``. With ``boxed=True`` the leaves are
+    ``nn.LogicallyPartitioned`` (read specs with ``nn.get_partition_spec``).
+    """
+    if contexts is not None:
+        _check_contexts(plan, contexts, max_pos)
+    keys = jax.random.split(key, len(plan.groups))
+    nets = {}
+    for g, k in zip(plan.groups, keys, strict=True):
+        init = _jitted_init(plan.block_size, g.rank, embed_dim, num_heads, max_pos,
+                            float(mu_gate), gate)
+        p = init(k)
+        nets[g.name] = p if boxed else nn.unbox(p)
+    alpha = {g.name: jnp.asarray(alpha_init, dtype=jnp.float32) for g in plan.groups}
+    return {"nets": nets, "alpha": alpha}
+
+
+def predict_delta_B(
+    params: Mapping[str, Any],
+    contexts: Mapping[str, Any],
+    plan: FusionPlan,
+    *,
+    embed_dim: int = 1024,
+    num_heads: int = 8,
+    max_pos: int = 4096,
+    mu_gate: float = 0.1,
+    gate: str = "svd",
+    dtype: Any = jnp.float32,
+    col_view: str = "auto",
+) -> tuple[dict[str, Array], dict[str, list[dict[str, Array]]]]:
+    """Run every group's network on its buckets and un-block the B tokens (SPEC §4).
+
+    Args:
+        params: ``init_fusion_params``'s tree (``"nets"`` is used; ``"alpha"`` ignored).
+        contexts: ``build_contexts``'s output (numpy or jax arrays; a pytree).
+        plan: the plan the contexts were built from (static).
+        dtype, col_view: see :class:`TransferNet` (they do not change the parameters).
+
+    Returns:
+        ``delta_B``: ``{module name: (d_out, r) float32}`` for every fused module, and
+        ``aux``: ``{group: [per bucket {"z_t", "z_s", "attn"}]}`` (for the RDM and reports).
+    """
+    delta_B: dict[str, Array] = {}
+    aux: dict[str, list[dict[str, Array]]] = {}
+    for g in plan.groups:
+        net = _net(plan, g.rank, embed_dim=embed_dim, num_heads=num_heads, max_pos=max_pos,
+                   mu_gate=mu_gate, gate=gate, dtype=dtype, col_view=col_view)
+        aux[g.name] = []
+        for b, ctx in zip(g.buckets, contexts[g.name], strict=True):
+            delta, attn, z_t, z_s = net.apply(
+                {"params": params["nets"][g.name]},
+                ctx["tgt"], ctx["tgt_s"], ctx["src"], ctx["src_s"], n_a=b.n_a)
+            for i, m in enumerate(b.modules):
+                delta_B[m.name] = delta[i].astype(jnp.float32).reshape(-1, g.rank)[: m.d_out]
+            aux[g.name].append({"z_t": z_t, "z_s": z_s, "attn": attn})
+    return delta_B, aux
+
+
+def fused_B(
+    target_B: Mapping[str, Any],
+    delta_B: Mapping[str, Array],
+    alpha: Mapping[str, Array],
+    plan: FusionPlan,
+) -> dict[str, Array]:
+    """``B_t + alpha_g * ΔB`` (float32) for every fused module (SPEC §5); pure and differentiable.
+
+    Modules the plan leaves unfused are not in the result: use the target's B for them.
+    """
+    out = {}
+    for g in plan.groups:
+        a = jnp.asarray(alpha[g.name], dtype=jnp.float32)
+        for m in g.modules:
+            out[m.name] = jnp.asarray(target_B[m.name], dtype=jnp.float32) + a * delta_B[m.name]
+    return out
+
+
+def param_count(params: Any) -> int:
+    """Number of scalars in a pytree (boxed or not)."""
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+
+
+@functools.cache
+def net_param_count(block_size: int, rank: int, embed_dim: int, num_heads: int = 8,
+                    max_pos: int = 4096, gate: str = "svd") -> int:
+    """Parameters of one network, analytically (no allocation): SPEC §4 quotes ≈110M at
+    block 4096, r 8, E 1024."""
+    F, E = block_size * rank, embed_dim
+    n = 2 * F  # input_norm
+    n += 2 * (F * E + E)  # proj_row, proj_col
+    if gate == "svd":
+        n += rank * (E // 4) + E // 4 + (E // 4) * E + E
+    n += 2 * E  # fusion_norm
+    n += max_pos * E
+    n += 4 * (E * E + E)
+    n += E * E + E + E * F + F
+    return n

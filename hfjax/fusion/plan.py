@@ -1,0 +1,394 @@
+"""Topology alignment: which target LoRA modules receive knowledge from which source modules.
+
+This is SPEC §2, done once before any training, from adapter *shapes and names* only (no
+array is read). The result, a :class:`FusionPlan`, fixes every token position the transfer
+networks will see, so everything in it is deterministic.
+
+Worked example (Llama target with 32 layers, one Qwen source with 28, q/v LoRA, r = 8,
+``block_size = 4096``)::
+
+    plan = build_plan(llama_lora, [qwen_lora], block_size=4096)
+    plan.layer_maps    # ({4: 0, 5: 1, ..., 31: 27},)       tail alignment, off = 32 - 28
+    plan.groups        # (Group("q_proj_r8"), Group("v_proj_r8"))  first appearance order
+    g = plan.groups[0]
+    g.buckets[0].modules[0]
+    # ModuleEntry(name="model.layers.4.self_attn.q_proj", layer=4, d_out=4096, d_in=4096,
+    #             rank=8, sources=((0, "model.layers.0.self_attn.q_proj"),),
+    #             n_a=1, n_b=1, n_src_tokens=2)   # Qwen q_proj: A^T 3584 rows, B 3584 rows
+    plan.unfused       # layers 0..3: no source layer maps there
+
+Terms:
+
+- **token**: one ``block_size x r`` block of a LoRA factor (``A^T`` or ``B``), zero-padded;
+  ``n_a = ceil(d_in / block_size)``, ``n_b = ceil(d_out / block_size)``.
+- **group**: ``(module_type, rank)``, one transfer network and one alpha each (SPEC §2,
+  [code≠paper]: one group per projection name).
+- **bucket**: the modules of a group whose token counts ``(n_a, n_b, n_s)`` agree, so that
+  they can be stacked into one batch (e.g. target layers reached by fewer sources form their
+  own bucket).
+
+Orders: sources in the order given; groups in order of first appearance in the target
+adapter's module order (layer, then module path); modules ascending by layer (then path);
+buckets in order of first appearance among their group's modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+from bridge.lora_adapter import LoraAdapter, LoraModule
+
+
+class FusionError(ValueError):
+    """A fusion request that cannot be honoured; the message is one line naming the culprit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleEntry:
+    """One fused target module and the source modules that feed it.
+
+    Attributes:
+        name: the target module path, e.g. ``model.layers.4.self_attn.q_proj``.
+        layer: its layer index.
+        suffix: path after ``layers.{l}.`` (``self_attn.q_proj``): what sources must match.
+        module_type: the projection name (``q_proj``).
+        d_out, d_in: the target's ``B`` rows and ``A`` columns.
+        rank: the LoRA rank r (equal for target and every source).
+        sources: ``(source index, source module name)`` in source order.
+        n_a, n_b: target tokens of ``A^T`` and of ``B``.
+        n_src_tokens: source tokens, all sources concatenated.
+    """
+
+    name: str
+    layer: int
+    suffix: str
+    module_type: str
+    d_out: int
+    d_in: int
+    rank: int
+    sources: tuple[tuple[int, str], ...]
+    n_a: int
+    n_b: int
+    n_src_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """Modules of one group that share token counts, processed as one batch."""
+
+    modules: tuple[ModuleEntry, ...]
+    n_a: int
+    n_b: int
+    n_t: int  # = n_a + n_b target tokens per module
+    n_s: int  # source tokens per module
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One transfer network and one alpha: all fused modules of a (module_type, rank)."""
+
+    name: str  # e.g. "q_proj_r8"
+    module_type: str
+    rank: int
+    buckets: tuple[Bucket, ...]
+
+    @property
+    def modules(self) -> tuple[ModuleEntry, ...]:
+        """All modules of the group, ascending by layer."""
+        mods = [m for b in self.buckets for m in b.modules]
+        return tuple(sorted(mods, key=lambda m: (m.layer, m.name)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionPlan:
+    """Everything fusion needs to know about the adapters' topology (SPEC §2, §3).
+
+    Hashable (``layer_maps`` is hashed by its items), so it can be a static argument of
+    ``jax.jit``.
+
+    Attributes:
+        block_size: rows per token block.
+        groups: the fused groups, in deterministic order.
+        layer_maps: per source, ``{target layer: source layer}`` after ``transfer_ratio``.
+        source_names: display names of the sources, in order.
+        unfused: target modules left unchanged (exported as they are).
+        unfused_reasons: why, parallel to ``unfused``.
+        target_layers: ``L_t``; source_layers: ``L_s`` per source.
+        transfer_ratio: the ratio the layer maps were cut with.
+    """
+
+    block_size: int
+    groups: tuple[Group, ...]
+    layer_maps: tuple[dict[int, int], ...]
+    source_names: tuple[str, ...]
+    unfused: tuple[str, ...]
+    unfused_reasons: tuple[str, ...] = ()
+    target_layers: int = 0
+    source_layers: tuple[int, ...] = ()
+    transfer_ratio: float = 1.0
+
+    def __hash__(self) -> int:
+        maps = tuple(tuple(sorted(m.items())) for m in self.layer_maps)
+        return hash((self.block_size, self.groups, maps, self.source_names, self.unfused,
+                     self.unfused_reasons, self.target_layers, self.source_layers,
+                     self.transfer_ratio))
+
+    @property
+    def fused_modules(self) -> tuple[str, ...]:
+        """Names of every fused target module, group by group, ascending layer within one."""
+        return tuple(m.name for g in self.groups for m in g.modules)
+
+    def group(self, name: str) -> Group:
+        """The group called ``name``."""
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def report(self) -> dict[str, Any]:
+        """A JSON-able summary: layer maps, groups, modules, token counts, what is left out."""
+        sources = []
+        for k, name in enumerate(self.source_names):
+            lm = self.layer_maps[k]
+            sources.append({
+                "index": k,
+                "name": name,
+                "num_layers": self.source_layers[k] if self.source_layers else None,
+                "layer_map": {str(t): s for t, s in sorted(lm.items())},
+            })
+        groups = []
+        for g in self.groups:
+            groups.append({
+                "name": g.name,
+                "module_type": g.module_type,
+                "rank": g.rank,
+                "num_modules": len(g.modules),
+                "buckets": [{
+                    "n_a": b.n_a, "n_b": b.n_b, "n_t": b.n_t, "n_s": b.n_s,
+                    "modules": [{
+                        "name": m.name, "layer": m.layer, "d_out": m.d_out, "d_in": m.d_in,
+                        "sources": [[k, s] for k, s in m.sources],
+                    } for m in b.modules],
+                } for b in g.buckets],
+            })
+        reasons = self.unfused_reasons or ("",) * len(self.unfused)
+        return {
+            "block_size": self.block_size,
+            "transfer_ratio": self.transfer_ratio,
+            "target_layers": self.target_layers,
+            "sources": sources,
+            "groups": groups,
+            "num_fused": len(self.fused_modules),
+            "unfused": [{"name": n, "reason": r}
+                        for n, r in zip(self.unfused, reasons, strict=True)],
+        }
+
+    def describe(self) -> str:
+        """A human-readable pre-flight compatibility report (what ``--dry_run`` prints)."""
+        lines = [
+            f"HeteroFusion plan: target has {self.target_layers} layers, "
+            f"{len(self.source_names)} source(s), block_size {self.block_size}, "
+            f"transfer_ratio {self.transfer_ratio:g}",
+            "Layer alignment (tail-aligned: the deepest layers of both models meet):",
+        ]
+        for k, name in enumerate(self.source_names):
+            lm = self.layer_maps[k]
+            n_s = self.source_layers[k] if self.source_layers else "?"
+            if lm:
+                ts = sorted(lm)
+                lines.append(
+                    f"  [{k}] {name} ({n_s} layers): target layers {_ranges(ts)} -> "
+                    f"source layers {_ranges([lm[t] for t in ts])} ({len(ts)} pairs)")
+            else:
+                lines.append(f"  [{k}] {name} ({n_s} layers): no layer pairs")
+        n_fused = len(self.fused_modules)
+        lines.append(f"Fused: {n_fused} module(s) in {len(self.groups)} group(s) "
+                     "(one transfer network and one alpha per group):")
+        for g in self.groups:
+            mods = g.modules
+            lines.append(f"  {g.name}: {len(mods)} module(s), target layers "
+                         f"{_ranges([m.layer for m in mods])}")
+            for b in g.buckets:
+                srcs = sorted({k for m in b.modules for k, _ in m.sources})
+                lines.append(
+                    f"    bucket: {len(b.modules)} module(s) x (target {b.n_a} A^T + {b.n_b} B "
+                    f"tokens, source {b.n_s} tokens from source(s) "
+                    f"{', '.join(str(k) for k in srcs)})")
+        if self.unfused:
+            lines.append(f"Left unchanged: {len(self.unfused)} module(s):")
+            by_reason: dict[str, list[str]] = {}
+            reasons = self.unfused_reasons or ("no matching source",) * len(self.unfused)
+            for n, r in zip(self.unfused, reasons, strict=True):
+                by_reason.setdefault(r, []).append(n)
+            for r, names in by_reason.items():
+                shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3
+                                                 else "")
+                lines.append(f"  {len(names)} x {r}: {shown}")
+        else:
+            lines.append("Left unchanged: none")
+        return "\n".join(lines)
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0..2, 5, 7..8"``."""
+    xs = list(xs)
+    if not xs:
+        return "-"
+    out, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(str(start) if start == prev else f"{start}..{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
+
+
+def parse_transfer_ratio(x: float | int | str) -> float:
+    """``0.5``, ``"0.5"`` or ``"1/2"`` -> ``0.5``; must lie in (0, 1].
+
+    The original accepts any number and keeps ``max(1, int(n_pairs * ratio))`` pairs; a ratio
+    outside (0, 1] is refused here because it is almost certainly a typo.
+    """
+    try:
+        if isinstance(x, str):
+            s = x.strip()
+            value = float(Fraction(s)) if "/" in s else float(s)
+        else:
+            value = float(x)
+    except (ValueError, ZeroDivisionError, TypeError) as e:
+        raise FusionError(f"transfer_ratio {x!r} is not a number or 'a/b' fraction") from e
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise FusionError(f"transfer_ratio {x!r} must lie in (0, 1]")
+    return value
+
+
+def _layer_map(l_t: int, l_s: int, ratio: float) -> dict[int, int]:
+    """Tail alignment (SPEC §2): target layer t <-> source layer t - (L_t - L_s)."""
+    off = l_t - l_s
+    pairs = [(t, t - off) for t in range(l_t) if 0 <= t - off < l_s]
+    keep = max(1, int(len(pairs) * ratio))
+    return dict(pairs[-keep:]) if pairs else {}
+
+
+def _n_blocks(rows: int, block_size: int) -> int:
+    return -(-rows // block_size)
+
+
+def _num_tokens(m: LoraModule, block_size: int) -> int:
+    return _n_blocks(m.d_in, block_size) + _n_blocks(m.d_out, block_size)
+
+
+def build_plan(
+    target: LoraAdapter,
+    sources: Sequence[LoraAdapter],
+    *,
+    block_size: int = 4096,
+    transfer_ratio: float | str = 1.0,
+    source_names: Sequence[str] | None = None,
+) -> FusionPlan:
+    """Align ``sources`` to ``target`` (SPEC §2) and group the fusable modules.
+
+    Args:
+        target: the target LoRA adapter (its B's get updated).
+        sources: source adapters, in config order (this order fixes token positions).
+        block_size: rows per token block (the original hard-codes 4096).
+        transfer_ratio: keep only the deepest ``max(1, int(n_pairs * ratio))`` layer pairs
+            of each source; a float or ``"a/b"``.
+        source_names: display names; default: each adapter's path, else ``source{k}``.
+
+    Raises:
+        FusionError: no sources, a source module whose rank differs from the target's, or
+            no target module matched by any source.
+    """
+    if not sources:
+        raise FusionError("no source adapters given")
+    if int(block_size) != block_size or block_size < 1:
+        raise FusionError(f"block_size must be a positive integer, got {block_size!r}")
+    block_size = int(block_size)
+    ratio = parse_transfer_ratio(transfer_ratio)
+    if source_names is None:
+        names = tuple(s.path or f"source{k}" for k, s in enumerate(sources))
+    else:
+        names = tuple(str(n) for n in source_names)
+        if len(names) != len(sources):
+            raise FusionError(f"{len(names)} source_names for {len(sources)} sources")
+
+    l_t = target.num_layers
+    l_srcs = tuple(s.num_layers for s in sources)
+    layer_maps = tuple(_layer_map(l_t, l_s, ratio) for l_s in l_srcs)
+    index = [{(m.layer, m.suffix): m for m in s.modules.values() if m.layer is not None}
+             for s in sources]
+
+    # (module_type, rank) -> modules, in first-appearance order of the target's module order.
+    grouped: dict[tuple[str, int], list[ModuleEntry]] = {}
+    unfused: list[str] = []
+    reasons: list[str] = []
+    for tm in target.modules.values():
+        if tm.layer is None:
+            unfused.append(tm.name)
+            reasons.append("no layer index in the module path")
+            continue
+        if tm.A.shape[0] != tm.B.shape[1]:
+            raise FusionError(f"target module {tm.name}: A has rank {tm.A.shape[0]} but B has "
+                              f"rank {tm.B.shape[1]}")
+        matched: list[tuple[int, LoraModule]] = []
+        for k, lm in enumerate(layer_maps):
+            if tm.layer not in lm:
+                continue
+            sm = index[k].get((lm[tm.layer], tm.suffix))
+            if sm is None:
+                continue
+            if sm.rank != tm.rank or sm.B.shape[1] != tm.rank:
+                raise FusionError(
+                    f"source {names[k]!r} module {sm.name} has rank A {sm.rank}/B "
+                    f"{sm.B.shape[1]} but target module {tm.name} has rank {tm.rank}; "
+                    "HeteroFusion needs equal ranks")
+            matched.append((k, sm))
+        if not matched:
+            unfused.append(tm.name)
+            reasons.append(_why_unmatched(tm, layer_maps, names))
+            continue
+        entry = ModuleEntry(
+            name=tm.name, layer=tm.layer, suffix=tm.suffix, module_type=tm.module_type,
+            d_out=tm.d_out, d_in=tm.d_in, rank=tm.rank,
+            sources=tuple((k, sm.name) for k, sm in matched),
+            n_a=_n_blocks(tm.d_in, block_size), n_b=_n_blocks(tm.d_out, block_size),
+            n_src_tokens=sum(_num_tokens(sm, block_size) for _, sm in matched),
+        )
+        grouped.setdefault((tm.module_type, tm.rank), []).append(entry)
+
+    if not grouped:
+        why = "; ".join(sorted(set(reasons))) or "the target adapter has no modules"
+        raise FusionError(f"no target module can be fused with the given sources ({why})")
+
+    groups = []
+    for (mtype, rank), mods in grouped.items():
+        mods = sorted(mods, key=lambda m: (m.layer, m.name))
+        buckets: dict[tuple[int, int, int], list[ModuleEntry]] = {}
+        for m in mods:
+            buckets.setdefault((m.n_a, m.n_b, m.n_src_tokens), []).append(m)
+        groups.append(Group(
+            name=f"{mtype}_r{rank}", module_type=mtype, rank=rank,
+            buckets=tuple(Bucket(modules=tuple(ms), n_a=a, n_b=b, n_t=a + b, n_s=s)
+                          for (a, b, s), ms in buckets.items()),
+        ))
+    return FusionPlan(
+        block_size=block_size, groups=tuple(groups), layer_maps=layer_maps,
+        source_names=names, unfused=tuple(unfused), unfused_reasons=tuple(reasons),
+        target_layers=l_t, source_layers=l_srcs, transfer_ratio=ratio,
+    )
+
+
+def _why_unmatched(tm: LoraModule, layer_maps: Sequence[dict[int, int]],
+                   names: Sequence[str]) -> str:
+    mapped = [k for k, lm in enumerate(layer_maps) if tm.layer in lm]
+    if not mapped:
+        return "no source layer maps to this target layer"
+    return (f"no mapped source layer has {tm.suffix} "
+            f"(source(s) {', '.join(repr(names[k]) for k in mapped)})")

@@ -1,0 +1,142 @@
+"""RDM regulariser: a sliced-Wasserstein pull of the encoder embeddings toward a rectified
+Gaussian (SPEC §6).
+
+For ``z`` of shape ``(..., E)`` (``z_t`` or ``z_s`` of one bucket, before positions)::
+
+    zr = relu(z.reshape(-1, E))                          # (N, E)
+    y  = relu(normal((N, E)) * sigma_target + mu_target) # fresh sample every call
+    P  = normal((E, K)); P /= column norms               # K = num_projections directions
+    L  = mean((sort(zr @ P, axis=0) - sort(y @ P, axis=0)) ** 2)    # scalar
+
+Example: ``z_t`` of a bucket of 28 modules x 2 tokens with E = 1024 and K = 2048 gives
+``zr @ P`` of shape ``(56, 2048)``, sorted column by column.
+
+**Host rank matching** (``sort="host"``, PERF_NOTES trick 1). XLA's CPU sort is slow, so on
+CPU the sorted target is computed outside XLA: per column, sort ``y @ P`` and place its
+values at the (stable) ranks of ``zr @ P``, giving ``m`` with
+``sum((sort(zP) - sort(yP))**2) == sum((zP - m)**2)``. Then ``mean((zP - stop_gradient(m))**2)``
+has the same value and the same gradient as the sort form (a sort's derivative is just its
+permutation; both paths break ties stably). ``sort="auto"`` picks ``host`` on the CPU backend
+and the plain ``xla`` sort elsewhere.
+
+**Activation** [code≠paper]: the code uses ReLU (default); ``activation="prelu"`` applies the
+paper's PReLU at torch's initial slope 0.25 (not learned) to both ``z`` and ``y``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hfjax.fusion.plan import FusionError
+
+Array = jax.Array
+PRELU_SLOPE = 0.25  # torch.nn.PReLU's initial slope
+_SORTS = ("auto", "host", "xla")
+
+
+def _activate(x: Array, activation: str) -> Array:
+    if activation == "relu":
+        return jax.nn.relu(x)
+    if activation == "prelu":
+        return jnp.where(x >= 0, x, PRELU_SLOPE * x)
+    raise FusionError(f"activation must be 'relu' or 'prelu', got {activation!r}")
+
+
+def _rank_match_host(zp: np.ndarray, yp: np.ndarray) -> np.ndarray:
+    """Per column: sorted ``yp`` placed at the stable ranks of ``zp``."""
+    zp = np.asarray(zp)
+    ys = np.sort(np.asarray(yp), axis=0)
+    order = np.argsort(zp, axis=0, kind="stable")
+    m = np.empty_like(ys)
+    np.put_along_axis(m, order, ys, axis=0)  # m[order[i, j], j] = ys[i, j]
+    return m
+
+
+def _resolve_sort(sort: str) -> str:
+    if sort not in _SORTS:
+        raise FusionError(f"sort must be one of {_SORTS}, got {sort!r}")
+    if sort == "auto":
+        return "host" if jax.default_backend() == "cpu" else "xla"
+    return sort
+
+
+def rdm_from_draws(z: Array, y: Array, P: Array, *, activation: str = "relu",
+                   sort: str = "auto") -> Array:
+    """The RDM value for given draws: ``z (..., E)`` raw embeddings, ``y (N, E)`` the already
+    rectified target sample, ``P (E, K)`` unit-norm directions. (Exposed for parity tests.)"""
+    zr = _activate(jnp.asarray(z, jnp.float32).reshape(-1, z.shape[-1]), activation)
+    zp = zr @ jnp.asarray(P, jnp.float32)
+    yp = jax.lax.stop_gradient(jnp.asarray(y, jnp.float32) @ jnp.asarray(P, jnp.float32))
+    if _resolve_sort(sort) == "xla":
+        return jnp.mean((jnp.sort(zp, axis=0) - jnp.sort(yp, axis=0)) ** 2)
+    m = jax.pure_callback(
+        _rank_match_host, jax.ShapeDtypeStruct(zp.shape, jnp.float32),
+        jax.lax.stop_gradient(zp), yp, vmap_method="sequential")
+    return jnp.mean((zp - jax.lax.stop_gradient(m)) ** 2)
+
+
+def rdm_draws(key: Array, n: int, dim: int, *, mu_target: float = 0.0,
+              sigma_target: float = 1.0, num_projections: int = 2048,
+              activation: str = "relu") -> tuple[Array, Array]:
+    """The random part of one RDM call: ``y (n, dim)`` rectified sample, ``P (dim, K)``."""
+    k_y, k_p = jax.random.split(key)
+    y = _activate(jax.random.normal(k_y, (n, dim), jnp.float32) * sigma_target + mu_target,
+                  activation)
+    P = jax.random.normal(k_p, (dim, num_projections), jnp.float32)
+    P = P / jnp.maximum(jnp.linalg.norm(P, axis=0, keepdims=True), 1e-12)  # F.normalize
+    return y, P
+
+
+def rdm_loss(
+    z: Array,
+    key: Array,
+    *,
+    mu_target: float = 0.0,
+    sigma_target: float = 1.0,
+    num_projections: int = 2048,
+    activation: str = "relu",
+    sort: str = "auto",
+) -> Array:
+    """SPEC §6's ``L(z)`` for one embedding tensor ``z (..., E)``; a float32 scalar.
+
+    ``key`` drives both the target sample and the projections (split into two).
+    """
+    n = int(np.prod(z.shape[:-1]))
+    y, P = rdm_draws(key, n, z.shape[-1], mu_target=mu_target, sigma_target=sigma_target,
+                     num_projections=num_projections, activation=activation)
+    return rdm_from_draws(z, y, P, activation=activation, sort=sort)
+
+
+def group_key(key: Array, group: str) -> Array:
+    """A group's key: ``fold_in(key, crc32(group name))``: independent of the other groups."""
+    return jax.random.fold_in(key, zlib.crc32(group.encode()) & 0x7FFFFFFF)
+
+
+def average_rdm(aux: Mapping[str, Sequence[Mapping[str, Array]]], key: Array,
+                **rdm_kwargs: Any) -> Array:
+    """``avg_rdm = mean over groups of rdm_g``, ``rdm_g = mean over buckets of L(z_t) + L(z_s)``.
+
+    Keys: bucket ``b`` of group ``g`` uses ``k = fold_in(group_key(key, g), b)`` and
+    ``k_t, k_s = split(k)``. The result does not depend on the order of ``aux``'s keys (a
+    jitted function returns dicts with sorted keys). Fold the step (and micro-batch) into
+    ``key`` before calling, so that every call draws afresh.
+    """
+    if not aux:
+        raise FusionError("average_rdm needs at least one group")
+    per_group = []
+    for name in sorted(aux):
+        buckets = aux[name]
+        kg = group_key(key, name)
+        vals = []
+        for b, a in enumerate(buckets):
+            k_t, k_s = jax.random.split(jax.random.fold_in(kg, b))
+            vals.append(rdm_loss(a["z_t"], k_t, **rdm_kwargs)
+                        + rdm_loss(a["z_s"], k_s, **rdm_kwargs))
+        per_group.append(sum(vals) / len(vals))
+    return sum(per_group) / len(per_group)

@@ -1,0 +1,109 @@
+"""RDM regulariser (SPEC §6): host rank matching == XLA sort (value and gradient), torch parity,
+key handling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hfjax.fusion import FusionError, average_rdm, rdm_loss
+from hfjax.fusion.rdm import _rank_match_host, group_key, rdm_draws, rdm_from_draws
+
+KW = {"num_projections": 64}
+
+
+def embeddings(seed: int = 0, shape=(3, 5, 16)) -> np.ndarray:
+    z = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    z[-1, 1] = z[0, 0]  # a duplicated token: ties in every projection
+    z[-1, -1] = -np.abs(z[-1, -1])  # an all-negative token: relu gives a zero row (ties at 0)
+    return z
+
+
+def test_rank_match_reorders_sorted_target():
+    zp = np.array([[3.0, 0.0], [1.0, 0.0], [2.0, 5.0]])
+    yp = np.array([[10.0, 7.0], [30.0, 8.0], [20.0, 9.0]])
+    m = _rank_match_host(zp, yp)
+    # column 0: ranks of zp are 2, 0, 1 -> sorted yp (10, 20, 30) placed there;
+    # column 1: ties 0, 0 keep their order (stable), 5 is largest.
+    np.testing.assert_array_equal(m, [[30.0, 7.0], [10.0, 8.0], [20.0, 9.0]])
+    zs, ys = np.sort(zp, 0), np.sort(yp, 0)
+    assert np.sum((zs - ys) ** 2) == pytest.approx(np.sum((zp - m) ** 2))
+
+
+@pytest.mark.parametrize("activation", ["relu", "prelu"])
+def test_host_and_xla_sort_same_value_and_gradient(activation):
+    z = jnp.asarray(embeddings())
+    key = jax.random.key(0)
+
+    def f(z, sort):
+        return rdm_loss(z, key, activation=activation, sort=sort, **KW)
+
+    vg = {s: jax.jit(jax.value_and_grad(f), static_argnums=1)(z, s) for s in ("host", "xla")}
+    (v_h, g_h), (v_x, g_x) = vg["host"], vg["xla"]
+    assert float(v_h) > 0
+    np.testing.assert_allclose(v_h, v_x, rtol=1e-6)
+    np.testing.assert_allclose(g_h, g_x, rtol=1e-5, atol=1e-9)
+    assert np.any(np.asarray(g_h))
+    # auto = host on the CPU backend; eager works too
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(f(z, "auto"), f(z, "host"))
+
+
+def test_matches_torch_given_the_same_draws():
+    torch = pytest.importorskip("torch")
+    from torch_reference import rdm_from_draws as torch_rdm
+
+    z = embeddings(1)
+    y, P = rdm_draws(jax.random.key(1), 15, 16, mu_target=0.0, sigma_target=1.0,
+                     num_projections=64)
+    want = torch_rdm(torch.from_numpy(z), torch.from_numpy(np.array(y)),
+                     torch.from_numpy(np.array(P))).item()
+    for sort in ("host", "xla"):
+        got = float(rdm_from_draws(jnp.asarray(z), y, P, sort=sort))
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_draws_follow_spec():
+    y, P = rdm_draws(jax.random.key(2), 4000, 8, mu_target=0.5, sigma_target=2.0,
+                     num_projections=32)
+    assert y.shape == (4000, 8) and P.shape == (8, 32)
+    assert float(y.min()) == 0.0 and abs(float((y == 0).mean()) - 0.4013) < 0.03  # P(N<-0.25)
+    np.testing.assert_allclose(jnp.linalg.norm(P, axis=0), 1.0, rtol=1e-5)
+
+
+def test_keys_drive_randomness():
+    z = jnp.asarray(embeddings())
+    a = rdm_loss(z, jax.random.key(0), **KW)
+    assert float(a) == float(rdm_loss(z, jax.random.key(0), **KW))
+    assert float(a) != float(rdm_loss(z, jax.random.key(1), **KW))
+
+
+def test_average_rdm_combines_groups_and_buckets():
+    zs = [jnp.asarray(embeddings(i, (2, 3, 16))) for i in range(6)]
+    aux = {"q_proj_r4": [{"z_t": zs[0], "z_s": zs[1]}, {"z_t": zs[2], "z_s": zs[3]}],
+           "v_proj_r4": [{"z_t": zs[4], "z_s": zs[5]}]}
+    key = jax.random.key(5)
+
+    def pair(name, b, zt, zs_):
+        k_t, k_s = jax.random.split(jax.random.fold_in(group_key(key, name), b))
+        return rdm_loss(zt, k_t, **KW) + rdm_loss(zs_, k_s, **KW)
+
+    q = (pair("q_proj_r4", 0, zs[0], zs[1]) + pair("q_proj_r4", 1, zs[2], zs[3])) / 2
+    v = pair("v_proj_r4", 0, zs[4], zs[5])
+    got = average_rdm(aux, key, **KW)
+    np.testing.assert_allclose(got, (q + v) / 2, rtol=1e-6)
+    # The order of the groups in the dict does not matter (jit returns sorted dicts).
+    rev = {"v_proj_r4": aux["v_proj_r4"], "q_proj_r4": aux["q_proj_r4"]}
+    assert float(average_rdm(rev, key, **KW)) == float(got)
+
+
+def test_bad_options_are_refused():
+    z = jnp.ones((2, 8))
+    with pytest.raises(FusionError, match="sort"):
+        rdm_loss(z, jax.random.key(0), sort="gpu", **KW)
+    with pytest.raises(FusionError, match="activation"):
+        rdm_loss(z, jax.random.key(0), activation="gelu", **KW)
+    with pytest.raises(FusionError):
+        average_rdm({}, jax.random.key(0))
