@@ -155,19 +155,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1
     # Tensor-parallel mesh axis size.
     config.mesh.tensor = 1
-    # Logical axis -> mesh axis (a name, a tuple of names, or None = replicated).
+    # Logical axis -> mesh axis (a name, a tuple of names, or None = replicated). Order matters:
+    # for each array dimension the first rule whose mesh axes are still free wins (flax's
+    # logical_axis_rules), and every logical name the code uses must have a rule
+    # (hfjax.sharding checks). A dimension that does not divide by its mesh axes keeps only
+    # the leading axes that divide it (down to replicated).
     config.mesh.rules = (
-        ("batch", ("data", "fsdp")),  # examples of a micro-batch
-        ("seq", None),  # token positions
-        ("embed", "fsdp"),  # the model's hidden size
-        ("heads", "tensor"),  # query heads
-        ("kv_heads", "tensor"),  # key/value heads
+        ("batch", ("data", "fsdp")),  # activations: examples of a micro-batch (before embed)
+        ("seq", None),  # activations: token positions
+        ("vocab", "tensor"),  # embedding / lm_head rows and the logits' vocabulary
+        ("embed", "fsdp"),  # the model's hidden size: FSDP for weights (activations take it
+        # only when batch cannot use fsdp, e.g. the paper's batch of 1)
+        ("q_heads", "tensor"),  # weights: query heads x head_dim (q_proj out, o_proj in)
+        ("kv_heads", "tensor"),  # weights: key/value heads x head_dim
+        ("heads", "tensor"),  # activations: query heads
+        ("mlp", "tensor"),  # MLP intermediate size (weights and activations)
+        ("norm", None),  # RMSNorm scales (small: replicated)
         ("head_dim", None),  # per-head width
-        ("mlp", "tensor"),  # MLP intermediate size
-        ("vocab", "tensor"),  # vocabulary
         ("lora_r", None),  # LoRA rank: never sharded
-        ("block", "fsdp"),  # a block token's block_size * r values (the big network dim)
-        ("fusion_embed", None),  # the transfer network's width E
+        ("block", ("fsdp", "tensor")),  # networks: a token's block_size * r values (big dim)
+        ("fusion_embed", None),  # networks: width E
+        ("fusion_qkv", None),  # networks: attention projections' width
+        ("fusion_mlp", None),  # networks: decoder hidden width
+        ("fusion_gate_mlp", None),  # networks: the SVD gate's hidden width (E // 4)
+        ("fusion_pos", None),  # networks: rows of the position table
         ("tokens", None),  # block tokens of a module's context
     )
 

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hfjax.fusion.plan import FusionError, FusionPlan
+from hfjax.fusion.plan import FusionError, FusionPlan, Group
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -359,6 +359,7 @@ def predict_delta_B(
     gate: str = "svd",
     dtype: Any = jnp.float32,
     col_view: str = "auto",
+    stack_groups: bool = True,
 ) -> tuple[dict[str, Array], dict[str, list[dict[str, Array]]]]:
     """Run every group's network on its buckets and un-block the B tokens (SPEC §4).
 
@@ -367,6 +368,8 @@ def predict_delta_B(
         contexts: ``build_contexts``'s output (numpy or jax arrays; a pytree).
         plan: the plan the contexts were built from (static).
         dtype, col_view: see :class:`TransferNet` (they do not change the parameters).
+        stack_groups: run same-shaped groups as one vmapped call (`group_clusters`); the
+            parameter tree stays one entry per group.
 
     Returns:
         ``delta_B``: ``{module name: (d_out, r) float32}`` for every fused module, and
@@ -374,18 +377,54 @@ def predict_delta_B(
     """
     delta_B: dict[str, Array] = {}
     aux: dict[str, list[dict[str, Array]]] = {}
-    for g in plan.groups:
-        net = _net(plan, g.rank, embed_dim=embed_dim, num_heads=num_heads, max_pos=max_pos,
+    for cluster in group_clusters(plan) if stack_groups else [[g] for g in plan.groups]:
+        g0 = cluster[0]
+        net = _net(plan, g0.rank, embed_dim=embed_dim, num_heads=num_heads, max_pos=max_pos,
                    mu_gate=mu_gate, gate=gate, dtype=dtype, col_view=col_view)
-        aux[g.name] = []
-        for b, ctx in zip(g.buckets, contexts[g.name], strict=True):
-            delta, attn, z_t, z_s = net.apply(
-                {"params": params["nets"][g.name]},
-                ctx["tgt"], ctx["tgt_s"], ctx["src"], ctx["src_s"], n_a=b.n_a)
-            for i, m in enumerate(b.modules):
-                delta_B[m.name] = delta[i].astype(jnp.float32).reshape(-1, g.rank)[: m.d_out]
-            aux[g.name].append({"z_t": z_t, "z_s": z_s, "attn": attn})
+        for g in cluster:
+            aux[g.name] = []
+        if len(cluster) == 1:
+            p = params["nets"][g0.name]
+            outs = [net.apply({"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"],
+                              n_a=b.n_a)
+                    for b, c in zip(g0.buckets, contexts[g0.name], strict=True)]
+            per_group = [outs]
+        else:
+            # Same shapes in every bucket: one vmapped network call per bucket position.
+            p = jax.tree.map(lambda *xs: jnp.stack(xs), *[params["nets"][g.name] for g in cluster])
+            per_group = [[] for _ in cluster]
+            for bi, b in enumerate(g0.buckets):
+                c = {k: jnp.stack([jnp.asarray(contexts[g.name][bi][k]) for g in cluster])
+                     for k in ("tgt", "tgt_s", "src", "src_s")}
+                out = jax.vmap(lambda p, c, n_a=b.n_a, net=net: net.apply(
+                    {"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"], n_a=n_a))(p, c)
+                for gi in range(len(cluster)):
+                    per_group[gi].append(tuple(o[gi] for o in out))
+        for g, outs in zip(cluster, per_group, strict=True):
+            for b, (delta, attn, z_t, z_s) in zip(g.buckets, outs, strict=True):
+                for i, m in enumerate(b.modules):
+                    delta_B[m.name] = delta[i].astype(jnp.float32).reshape(-1, g.rank)[: m.d_out]
+                aux[g.name].append({"z_t": z_t, "z_s": z_s, "attn": attn})
     return delta_B, aux
+
+
+def _bucket_signature(g: Group) -> tuple:
+    return (g.rank, tuple((len(b.modules), b.n_a, b.n_b, b.n_s) for b in g.buckets))
+
+
+def group_clusters(plan: FusionPlan) -> list[list[Group]]:
+    """Groups whose networks see identically shaped inputs, in plan order.
+
+    Their networks have identical shapes too, so they run as ONE vmapped call (stacked
+    parameters): in the paper's setting (all-linear LoRA, every target layer reached by the
+    sources) the 7 groups become one batched network. Fewer, larger kernels run faster and
+    compile much faster; the values are those of the per-group loop.
+    """
+    clusters: dict[tuple, list[Group]] = {}
+    for g in plan.groups:
+        clusters.setdefault(_bucket_signature(g), []).append(g)
+    return list(clusters.values())
+
 
 
 def fused_B(

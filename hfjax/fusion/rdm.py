@@ -129,14 +129,32 @@ def average_rdm(aux: Mapping[str, Sequence[Mapping[str, Array]]], key: Array,
     """
     if not aux:
         raise FusionError("average_rdm needs at least one group")
-    per_group = []
-    for name in sorted(aux):
-        buckets = aux[name]
-        kg = group_key(key, name)
+    names = sorted(aux)
+
+    def group_value(buckets: Sequence[Mapping[str, Array]], kg: Array) -> Array:
         vals = []
         for b, a in enumerate(buckets):
             k_t, k_s = jax.random.split(jax.random.fold_in(kg, b))
             vals.append(rdm_loss(a["z_t"], k_t, **rdm_kwargs)
                         + rdm_loss(a["z_s"], k_s, **rdm_kwargs))
-        per_group.append(sum(vals) / len(vals))
-    return sum(per_group) / len(per_group)
+        return sum(vals) / len(vals)
+
+    # Groups whose z's have the same shapes are evaluated as one vmapped call (same keys,
+    # same values as one call per group).
+    clusters: dict[tuple, list[str]] = {}
+    for name in names:
+        sig = tuple((a["z_t"].shape, a["z_s"].shape) for a in aux[name])
+        clusters.setdefault(sig, []).append(name)
+    value: dict[str, Array] = {}
+    for members in clusters.values():
+        keys = jnp.stack([group_key(key, n) for n in members])
+        if len(members) == 1:
+            value[members[0]] = group_value(
+                [{"z_t": a["z_t"], "z_s": a["z_s"]} for a in aux[members[0]]], keys[0])
+            continue
+        stacked = [{k: jnp.stack([aux[n][b][k] for n in members]) for k in ("z_t", "z_s")}
+                   for b in range(len(aux[members[0]]))]
+        vals = jax.vmap(group_value)(stacked, keys)
+        for i, n in enumerate(members):
+            value[n] = vals[i]
+    return sum(value[n] for n in names) / len(names)

@@ -28,8 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from bridge import LoraAdapter, load_adapter, save_adapter
+from hfjax import sharding as shd
 from hfjax.fusion import (
     FusionPlan,
     build_contexts,
@@ -39,6 +41,7 @@ from hfjax.fusion import (
 )
 from hfjax.loading import from_pretrained, resolve_dtype
 from hfjax.models.config import ModelConfig
+from hfjax.models.key_tables import logical_axes_tree
 from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
@@ -256,6 +259,7 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
     used to test interruption and resume. ``base_params``: already-placed base parameters
     (e.g. sharded over a mesh by the caller); loaded from ``cfg.target.model_path`` otherwise.
     """
+    shd.maybe_initialize_distributed()  # multi-host: a no-op unless the environment asks
     out_dir = Path(cfg.output_dir) / cfg.task_name
     inp = prepare(cfg)
     if dry_run:
@@ -266,10 +270,19 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
     t0 = time.time()
     tr = cfg.train
     base_dtype = resolve_dtype(tr.base_dtype)
+    # The mesh (cfg.mesh) and its logical-axis rules: every array below is placed in its
+    # sharding (a 1-device mesh by default on one device).
+    mesh = shd.mesh_from_config(cfg.mesh)
+    rules = shd.rules_for_batch(shd.rules_from_config(cfg.mesh.rules), mesh, tr.batch_size)
     if base_params is None:
-        base_params = from_pretrained(cfg.target.model_path, dtype=base_dtype).params
-    frozen = {"base": base_params, "adapter": inp.target.to_jax(jnp.float32),
-              "contexts": jax.tree.map(jnp.asarray, inp.contexts)}
+        base_params = from_pretrained(cfg.target.model_path, dtype=base_dtype, mesh=mesh,
+                                      rules=rules).params
+    else:
+        base_params = shd.shard_params(base_params, logical_axes_tree(inp.model_cfg), mesh, rules)
+    frozen = {"base": base_params,
+              "adapter": shd.put_tree(inp.target.to_jax(jnp.float32), shd.replicated(mesh)),
+              "contexts": shd.shard_params(inp.contexts, shd.context_specs(inp.contexts), mesh,
+                                           rules)}
     n_batches = num_batches(len(inp.replay), tr.batch_size)
     steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
     st = statics_from(cfg, inp.plan, inp.model_cfg, steps)
@@ -277,13 +290,18 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
     key = jax.random.PRNGKey(cfg.seed)
     init_key, rdm_key = jax.random.split(key)
     f = cfg.fusion
-    params = init_fusion_params(inp.plan, inp.contexts, key=init_key, embed_dim=f.embed_dim,
-                                num_heads=f.num_heads, max_pos=f.max_pos, mu_gate=f.mu_gate,
-                                gate=f.gate, alpha_init=f.alpha_init)
+    boxed = init_fusion_params(inp.plan, inp.contexts, key=init_key, embed_dim=f.embed_dim,
+                               num_heads=f.num_heads, max_pos=f.max_pos, mu_gate=f.mu_gate,
+                               gate=f.gate, alpha_init=f.alpha_init, boxed=True)
+    params = nn.unbox(boxed)  # the boxes carry each leaf's logical axes
+    param_sh = shd.logical_to_named(shd.fusion_logical_specs(boxed), mesh, rules, shapes=params)
     if cfg.fusion.reuse_from:
         params = reuse_networks(params, Path(cfg.output_dir) / cfg.fusion.reuse_from)
-    state = {"params": params, "opt_state": optimizer.init(params),
-             "step": jnp.zeros((), jnp.int32)}
+    state_sh = {"params": param_sh, "step": shd.replicated(mesh),
+                "opt_state": shd.opt_state_shardings(optimizer, params, param_sh, mesh)}
+    state = jax.jit(lambda p: {"params": p, "opt_state": optimizer.init(p),
+                               "step": jnp.zeros((), jnp.int32)},
+                    out_shardings=state_sh)(shd.put_tree(params, param_sh))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpointing.Checkpointer(out_dir / "checkpoints", keep=tr.keep_checkpoints)
@@ -318,8 +336,11 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
                 if not window:
                     break
                 batch, weights = stack_window(window, tr.grad_accum, tr.batch_size, pad_id)
+                batch = shd.put_tree(batch, shd.batch_sharding(mesh, rules))
+                weights = shd.put(weights, shd.replicated(mesh))
                 prev = state
-                state, m = fuse_step(state, frozen, batch, weights, rdm_key, st=st)
+                with shd.mesh_context(mesh, rules):
+                    state, m = fuse_step(state, frozen, batch, weights, rdm_key, st=st)
                 m = jax.device_get(m)
                 loss = float(m["loss"])
                 if not math.isfinite(loss):

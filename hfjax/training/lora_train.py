@@ -384,6 +384,16 @@ def _trim_metrics(path: Path, keep_through: int) -> None:
     os.replace(tmp, path)
 
 
+def _peek_meta(step_dir: Path) -> dict[str, Any]:
+    """A checkpoint's JSON metadata read straight from orbax's layout ({} if not readable),
+    to refuse a mismatched checkpoint before orbax tries to restore it."""
+    try:
+        meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _compiles(step_fn: Any) -> int:
     try:
         return int(step_fn._cache_size())
@@ -444,7 +454,19 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     meta = {"task_name": cfg.task_name, "steps": steps, "seed": cfg.seed,
             "modules": len(names), "r": cfg.lora.r}
     if ckpt.latest_step() is not None:
-        state, saved = ckpt.restore(state)
+        saved = _peek_meta(ckpt.directory / str(ckpt.latest_step()))
+        for key in ("steps", "modules", "r"):
+            if key in saved and saved[key] != meta[key]:
+                raise ConfigError(
+                    f"{ckpt.directory}: checkpoint was made for {key}={saved[key]}, this config "
+                    f"gives {meta[key]}; use another output_dir (or task_name)")
+        try:
+            state, saved = ckpt.restore(state)
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds on a tree mismatch
+            raise ConfigError(
+                f"{ckpt.directory}: cannot resume from step {ckpt.latest_step()} (made for "
+                f"another rank, target_modules or model? {type(e).__name__}); use another "
+                f"output_dir") from e
         if saved.get("steps") != steps:
             raise ConfigError(f"{ckpt.directory}: checkpoint was made for {saved.get('steps')} "
                               f"total steps, this config gives {steps}; use another output_dir")
