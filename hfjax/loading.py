@@ -104,6 +104,18 @@ def from_pretrained(path: str | Path, dtype: Any = None, *, mesh: Mesh | None = 
     return Decoder(config=cfg, params=params, path=str(path))
 
 
+def load_tokenizer(model_path: str | Path) -> Any:
+    """The checkpoint's tokenizer (transformers), or one clear line naming the directory."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(model_path))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{model_path}: cannot load the tokenizer ({type(e).__name__}: "
+                         f"{first})") from e
+
+
 def hf_tensors(decoder: Decoder, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF key, numpy array) for every parameter, one at a time (for export)."""
     dtype = resolve_dtype(dtype)
@@ -144,5 +156,5 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
     return params
 
 
-__all__ = ["ModelConfigError", "from_pretrained", "hf_tensors", "init_params", "resolve_dtype",
-           "save_pretrained"]
+__all__ = ["ModelConfigError", "from_pretrained", "hf_tensors", "init_params", "load_tokenizer",
+           "resolve_dtype", "save_pretrained"]

@@ -26,7 +26,7 @@ from bridge import load_adapter
 from hfjax.config_io import TEMPLATE_BY_MODEL_TYPE
 from hfjax.eval.generation import generate_answers
 from hfjax.eval.metrics import EMPTY_ANSWERS, classification_scores, strip_generation, uie_scores
-from hfjax.loading import from_pretrained, resolve_dtype
+from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import check_adapter
 from hfjax.training.data import load_alpaca
@@ -51,17 +51,6 @@ def infer_task(references: list[str]) -> str:
     if all(lab.lower() in EMPTY_ANSWERS for lab in labels):
         return "uie"
     return "classification"
-
-
-def _load_tokenizer(model_path: str | Path) -> Any:
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(model_path))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{model_path}: cannot load the tokenizer ({type(e).__name__}: "
-                         f"{first})") from e
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -118,7 +107,7 @@ def evaluate(model_path: str | Path, data_file: str | Path, *,
             raise ValueError(f"template 'auto': no template known for model_type "
                              f"{model_cfg.model_type!r}; pass a template")
         template = FAMILY_TEMPLATE[model_cfg.model_type]
-    tokenizer = _load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
     get_template(template).check_tokenizer(tokenizer)
     adapter = None
     if adapter_path is not None:

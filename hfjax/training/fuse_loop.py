@@ -39,7 +39,7 @@ from hfjax.fusion import (
     init_fusion_params,
     param_count,
 )
-from hfjax.loading import from_pretrained, resolve_dtype
+from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.key_tables import logical_axes_tree
 from hfjax.training import checkpointing
@@ -89,16 +89,6 @@ def resolve_template(cfg: Any, model_cfg: ModelConfig) -> str:
     return FAMILY_TEMPLATE[model_cfg.model_type] if t in ("", "auto", None) else t
 
 
-def _load_tokenizer(model_path: str):
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(model_path)
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise ValueError(f"{model_path}: cannot load the tokenizer ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
-
-
 @dataclasses.dataclass
 class Inputs:
     target: LoraAdapter
@@ -128,7 +118,7 @@ def prepare(cfg: Any) -> Inputs:
                         for c in buckets] for g, buckets in contexts.items()}
     model_cfg = ModelConfig.from_hf(cfg.target.model_path,
                                     source=str(Path(cfg.target.model_path) / "config.json"))
-    tokenizer = _load_tokenizer(cfg.target.model_path)
+    tokenizer = load_tokenizer(cfg.target.model_path)
     template = resolve_template(cfg, model_cfg)
     replay = ReplaySet.load(list(cfg.data.datasets), cfg.data.data_root, tokenizer, template,
                             cfg.data.cutoff_len)

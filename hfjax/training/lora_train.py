@@ -52,14 +52,13 @@ import yaml
 from bridge import LoraAdapter, LoraModule, make_adapter_config, module_rank_scale, save_adapter
 from configs import train_lora as _schema_module
 from hfjax.config_io import ConfigError, apply_overrides, config_to_dict, expand_env
-from hfjax.loading import from_pretrained, resolve_dtype
+from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import module_names
 from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.fuse_loop import (
     FAMILY_TEMPLATE,
-    _load_tokenizer,
     micro_batch_stream,
     stack_window,
 )
@@ -425,7 +424,7 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
         template = FAMILY_TEMPLATE[model_cfg.model_type]
     else:
         template = cfg.template
-    tokenizer = _load_tokenizer(cfg.model_path)
+    tokenizer = load_tokenizer(cfg.model_path)
     replay = ReplaySet.load(list(cfg.datasets), cfg.data_root, tokenizer, template,
                             cfg.cutoff_len)
     ada_cfg = adapter_config(cfg)
