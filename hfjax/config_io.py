@@ -486,7 +486,8 @@ def _normalize_sources(value: Any, label: str) -> tuple[ConfigDict, ...]:
     return _make_sources(items)
 
 
-def _load_py(file: str, arg: str | None) -> list[ConfigDict]:
+def import_get_config(file: str | os.PathLike[str]) -> Any:
+    """The ``get_config`` function of a Python config file (ConfigError if there is none)."""
     path = Path(file)
     if not path.is_file():
         raise ConfigError(f"{file}: no such config file")
@@ -498,6 +499,11 @@ def _load_py(file: str, arg: str | None) -> list[ConfigDict]:
     get_config = getattr(module, "get_config", None)
     if get_config is None:
         raise ConfigError(f"{file}: defines no get_config()")
+    return get_config
+
+
+def _load_py(file: str, arg: str | None) -> list[ConfigDict]:
+    get_config = import_get_config(file)
     label = f"{file}:{arg}" if arg is not None else file
     try:
         result = get_config() if arg is None else get_config(arg)

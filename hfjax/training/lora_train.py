@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -51,7 +50,13 @@ import yaml
 
 from bridge import LoraAdapter, LoraModule, make_adapter_config, module_rank_scale, save_adapter
 from configs import train_lora as _schema_module
-from hfjax.config_io import ConfigError, apply_overrides, config_to_dict, expand_env
+from hfjax.config_io import (
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    expand_env,
+    import_get_config,
+)
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import module_names
@@ -134,14 +139,7 @@ def _read_file(spec: str) -> ConfigDict:
         raise ConfigError(f"{file}: no such config file")
     suffix = path.suffix.lower()
     if suffix == ".py":
-        mod_spec = importlib.util.spec_from_file_location(
-            f"_hfjax_train_config_{abs(hash(str(path.resolve())))}", path)
-        assert mod_spec is not None and mod_spec.loader is not None
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-        get_config = getattr(module, "get_config", None)
-        if get_config is None:
-            raise ConfigError(f"{file}: defines no get_config()")
+        get_config = import_get_config(file)
         user = get_config(arg) if arg else get_config()
         if not isinstance(user, ConfigDict):
             raise ConfigError(f"{spec}: get_config() must return a ConfigDict")
