@@ -335,6 +335,13 @@ def bytes_per_device(tree: Any) -> int:
 _CLUSTER_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
+def _int(v: str | None) -> int:
+    try:
+        return int(v) if v else 1
+    except ValueError:
+        return 1
+
+
 def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     """Start JAX's multi-process runtime when the environment asks for it (see the module
     docstring); returns whether it is (now) initialised. Call before any other JAX call."""
@@ -350,7 +357,7 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
         jax.distributed.initialize(coordinator_address=addr, num_processes=int(n),
                                    process_id=int(pid))
         return True
-    cluster = any(int(env.get(v, "1") or 1) > 1 for v in _CLUSTER_VARS)
+    cluster = any(_int(env.get(v)) > 1 for v in _CLUSTER_VARS)
     if flag == "1" or cluster:
         jax.distributed.initialize()  # JAX detects SLURM / Open MPI / K8s / TPU settings
         return True

@@ -1,0 +1,612 @@
+"""`hfjax demo`: the whole HeteroFusion job on a synthetic heterogeneous zoo, in minutes on a CPU.
+
+No 8B checkpoints needed: everything is built here, each stage for real::
+
+    data     5 synthetic UIE-style tasks (train / replay / test)      hfjax.demo.tasks
+    models   3 tokenizers + 3 briefly pretrained base models           hfjax.demo.pretrain
+             Llama (target) 4x64 GQA 4/2, Qwen2 3x48 GQA 4/1 + biases,
+             Mistral 5x40 MHA + sliding window, each its own vocabulary
+    experts  LoRA experts: Llama on movie (the target); Qwen2 on news    hfjax.training.lora_train
+             and relation, Mistral on typing and vehicle (the sources)
+    fusion   HeteroFusion of the 4 sources into the Llama LoRA, with     hfjax.training.fuse_loop
+             replay = every task's replay split; plus two ablations:
+             zero sources, and no denoising (open gate, lambda_reg 0);
+             the fused adapter is checked against PEFT when torch is there
+    eval     greedy generation on every involved task's test split:    hfjax.eval.run
+             base, target only, each expert on its own base (ceiling),
+             fused, both ablations; micro F1 (exact tuples) and
+             type-only F1 (labels right, spans ignored)
+    report   report.md + training-curve and source-attention PNGs      hfjax.demo.report
+
+``run_demo(out_dir)`` runs the stages in order. Each stage works in a hidden
+``.<stage>.partial/`` folder, renames it to ``<stage>/`` when done and then writes
+``<stage>.done`` (JSON: its key parameters, a digest chained over the earlier stages' keys,
+wall time, peak RSS). A rerun skips every stage whose marker matches and says so; a stage
+whose parameters changed reruns, and so does everything after it. An interrupted stage
+resumes at its first unfinished unit (a base model, an expert, a fusion variant, an
+evaluation).
+
+``fast=True`` shrinks every size (4 tasks, fewer steps, shorter answers) so the whole job
+takes a minute or two; every stage still runs for real. The default sizes are chosen to
+finish in under ten minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hfjax.demo.pretrain import PretrainConfig
+from hfjax.demo.zoo import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
+
+__all__ = ["DEFAULT", "FAST", "STAGES", "DemoSizes", "main", "run_demo"]
+
+STAGES: tuple[str, ...] = ("data", "models", "experts", "fusion", "eval", "report")
+#: Bumped when a stage's outputs change meaning, so old caches are not reused.
+_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSizes:
+    """Every size and hyper-parameter of one demo run.
+
+    Attributes:
+        name: ``"default"`` or ``"fast"`` (shown in the report).
+        target_task: The Llama target expert's task.
+        source_tasks: Source family -> its experts' tasks (config order = source order).
+        n_train / n_replay / n_test: Records per task and split.
+        data_seed: Seed of the synthetic tasks.
+        corpus_docs: Documents of pretraining text (also trains the tokenizers).
+        shapes: Model shape per family (depth, width, GQA layout; `hfjax.demo.zoo`).
+        vocab_sizes: Tokenizer vocabulary size per family.
+        pretrain_steps: Pretraining steps per family.
+        pretrain: Batch, length, learning rate of pretraining (``steps`` is per family).
+        cutoff_len / min_bucket: Token limit and smallest padded length of training batches.
+        lora_r: LoRA rank of every expert (all sources must share the target's rank).
+        lora_targets: The projections every expert adapts (one fusion group each).
+        lora_epochs / lora_batch / lora_lr: Expert training.
+        fuse_epochs / fuse_batch / fuse_accum / fuse_lr: Fusion training over the replay set.
+        block_size / embed_dim / num_heads / num_projections / max_pos: Transfer networks.
+        eval_batch: Prompts per generate call (>= n_test: one call per task).
+        max_new_tokens: Generation limit (the longest answers are about 55 tokens).
+        peft_check: Compare the fused adapter's logits in PEFT with ours (needs torch + peft).
+    """
+
+    name: str
+    target_task: str = "movie"
+    source_tasks: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: {
+        "qwen2": ("news", "relation"), "mistral": ("typing", "vehicle")})
+    n_train: int = 320
+    n_replay: int = 32
+    n_test: int = 50
+    data_seed: int = 0
+    corpus_docs: int = 3000
+    shapes: Mapping[str, FamilyShape] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_SHAPES))
+    vocab_sizes: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
+        "llama": 1024, "qwen2": 1280, "mistral": 768})
+    pretrain_steps: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
+        "llama": 300, "qwen2": 300, "mistral": 300})
+    pretrain: PretrainConfig = PretrainConfig(steps=0, batch_size=8, seq_len=128, lr=5e-3)
+    cutoff_len: int = 256
+    min_bucket: int = 256
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+    lora_epochs: int = 2
+    lora_batch: int = 8
+    lora_lr: float = 1e-2
+    fuse_epochs: int = 3
+    fuse_batch: int = 8
+    fuse_accum: int = 1
+    fuse_lr: float = 3e-3
+    block_size: int = 64
+    embed_dim: int = 64
+    num_heads: int = 4
+    num_projections: int = 64
+    max_pos: int = 64
+    eval_batch: int = 50
+    max_new_tokens: int = 56
+    peft_check: bool = True
+
+    @property
+    def tasks(self) -> list[str]:
+        """The target task, then the source tasks in source order."""
+        return [self.target_task] + [t for ts in self.source_tasks.values() for t in ts]
+
+    @property
+    def experts(self) -> list[tuple[str, str]]:
+        """``(family, task)`` of every expert: the Llama target first, then the sources."""
+        return [("llama", self.target_task)] + [
+            (fam, t) for fam, ts in self.source_tasks.items() for t in ts]
+
+    def stage_params(self, stage: str) -> dict[str, Any]:
+        """The parameters a stage's output depends on (besides the earlier stages)."""
+        d = dataclasses.asdict(self)
+        keys = {
+            "data": ("tasks", "n_train", "n_replay", "n_test", "data_seed"),
+            "models": ("corpus_docs", "shapes", "vocab_sizes", "pretrain_steps", "pretrain"),
+            "experts": ("experts", "cutoff_len", "min_bucket", "lora_r", "lora_targets",
+                        "lora_epochs", "lora_batch", "lora_lr"),
+            "fusion": ("fuse_epochs", "fuse_batch", "fuse_accum", "fuse_lr", "block_size",
+                       "embed_dim", "num_heads", "num_projections", "max_pos", "peft_check"),
+            "eval": ("eval_batch", "max_new_tokens"),
+            "report": ("name",),
+        }[stage]
+        extra = {"tasks": self.tasks, "experts": [list(e) for e in self.experts],
+                 "lora_targets": list(self.lora_targets)}
+        return {k: extra[k] if k in extra else d[k] for k in keys}
+
+
+#: The default job: 5 tasks, 5 experts (1 target + 4 sources), < 10 min on a 2-core CPU.
+DEFAULT = DemoSizes(name="default")
+
+#: The fast job (tests, a first look): 4 tasks, 3 source experts, smaller and shallower
+#: models, LoRA on q/v only (2 fusion groups: less to compile), a few steps per stage.
+FAST = DemoSizes(
+    name="fast", source_tasks={"qwen2": ("news", "relation"), "mistral": ("vehicle",)},
+    n_train=64, n_replay=8, n_test=8, corpus_docs=600,
+    shapes={"llama": FamilyShape("llama", 3, 32, 4, 2, 64, 512),
+            "qwen2": FamilyShape("qwen2", 2, 24, 2, 1, 48, 640),
+            "mistral": FamilyShape("mistral", 4, 32, 4, 4, 64, 448, sliding_window=32)},
+    vocab_sizes={"llama": 512, "qwen2": 640, "mistral": 448},
+    pretrain_steps={"llama": 40, "qwen2": 40, "mistral": 40},
+    pretrain=PretrainConfig(steps=0, batch_size=8, seq_len=64, lr=5e-3),
+    lora_targets=("q_proj", "v_proj"), lora_epochs=1, lora_batch=16, fuse_epochs=1,
+    fuse_batch=16, num_projections=32, eval_batch=8, max_new_tokens=24)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / 1024 if sys.platform != "darwin" else kib / 2**20, 1)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _unit(work: Path, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one unit of a stage (a model, an expert, a fusion variant, an evaluation) once.
+
+    Its info is kept in ``work/.units/<name>.json``, so a stage interrupted part-way resumes
+    at its first unfinished unit.
+    """
+    path = work / ".units" / f"{name}.json"
+    if path.exists():
+        _log(f"   {name}: done before the interruption, kept")
+        return _read_json(path)
+    info = run()
+    path.parent.mkdir(exist_ok=True)
+    _write_json(path, info)
+    return info
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """What the stage functions share: the output root, the sizes, the progress flag."""
+
+    out: Path
+    sizes: DemoSizes
+    progress: bool
+
+    def final(self, stage: str) -> Path:
+        return self.out / stage
+
+
+# ----------------------------------------------------------------------------- stage 1: data
+def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
+    from hfjax.demo import tasks
+
+    s = ctx.sizes
+    splits = {t: tasks.make_splits(t, n_train=s.n_train, n_replay=s.n_replay, n_test=s.n_test,
+                                   seed=s.data_seed) for t in s.tasks}
+    info = tasks.write_task_files(work, splits)
+    _log(f"   wrote {len(info)} datasets: {', '.join(sorted(info))}")
+    return {"datasets": sorted(info),
+            "records": {t: {k: len(v) for k, v in sp.items()} for t, sp in splits.items()}}
+
+
+# ----------------------------------------------------------------------------- stage 2: models
+def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
+    import jax
+
+    from hfjax.demo import tasks
+    from hfjax.demo.pretrain import pack_corpus, pretrain
+    from hfjax.demo.tokenizer import train_tokenizer
+    from hfjax.demo.zoo import build_base_model, model_config
+    from hfjax.loading import init_params
+    from hfjax.training.data import load_alpaca
+
+    s = ctx.sizes
+    data = ctx.final("data")
+    held_out = {r["input"] for t in s.tasks for r in load_alpaca(data / f"{t}_test.json")}
+    corpus = tasks.pretraining_corpus(s.corpus_docs, seed=s.data_seed, exclude_inputs=held_out)
+
+    def build(i: int, fam: str) -> dict[str, Any]:
+        t0 = time.time()
+        tok = train_tokenizer(corpus, fam, s.vocab_sizes[fam], work / f"tokenizer_{fam}")
+        shape = s.shapes[fam]
+        cfg = model_config(shape, tok)
+        pcfg = dataclasses.replace(s.pretrain, steps=s.pretrain_steps[fam], seed=i)
+        tokens = pack_corpus(corpus, tok, pcfg.seq_len)
+        params = init_params(cfg, jax.random.PRNGKey(100 + i))
+        params, losses = pretrain(cfg, params, tokens, pcfg, progress=ctx.progress,
+                                  desc=f"pretrain {fam}")
+        build_base_model(work / fam, shape, tok, params=params)
+        shutil.rmtree(work / f"tokenizer_{fam}")
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        info = {"shape": dataclasses.asdict(shape), "vocab": cfg.vocab_size,
+                "params": int(n_params), "corpus_tokens": int(tokens.size), "steps": pcfg.steps,
+                "loss_first": round(losses[0], 4),
+                "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+                "losses": [round(x, 4) for x in losses], "seconds": round(time.time() - t0, 1)}
+        _log(f"   {fam}: {shape.layers} layers x {shape.hidden}, {shape.heads}/{shape.kv_heads} "
+             f"heads, vocab {cfg.vocab_size}, {n_params / 1e3:.0f}k params; loss "
+             f"{info['loss_first']:.2f} -> {info['loss_last']:.2f} ({info['seconds']:.0f}s)")
+        return info
+
+    return {fam: _unit(work, fam, lambda i=i, fam=fam: build(i, fam))
+            for i, fam in enumerate(("llama", "qwen2", "mistral"))}
+
+
+# ----------------------------------------------------------------------------- stage 3: experts
+def expert_name(family: str, task: str) -> str:
+    """The folder / source name of an expert, e.g. ``qwen2_news``."""
+    return f"{family}_{task}"
+
+
+def _stage_experts(ctx: _Ctx, work: Path) -> dict[str, Any]:
+    from configs.train_lora import get_config
+    from hfjax.training.lora_train import train_lora
+
+    s = ctx.sizes
+
+    def train(fam: str, task: str) -> dict[str, Any]:
+        name = expert_name(fam, task)
+        cfg = get_config()
+        cfg.model_path = str(ctx.final("models") / fam)
+        cfg.data_root = str(ctx.final("data"))
+        cfg.datasets = (f"{task}_train",)
+        cfg.cutoff_len = s.cutoff_len
+        cfg.min_bucket = s.min_bucket
+        cfg.output_dir = str(work)
+        cfg.task_name = name
+        cfg.seed = 0
+        cfg.lora.r = s.lora_r
+        cfg.lora.alpha = float(2 * s.lora_r)
+        cfg.lora.target_modules = tuple(s.lora_targets)
+        cfg.train.epochs = s.lora_epochs
+        cfg.train.lr = s.lora_lr
+        cfg.train.batch_size = s.lora_batch
+        cfg.train.grad_accum = 1
+        cfg.train.base_dtype = "float32"
+        cfg.train.checkpoint_every = 10**6  # only the final one: the runs are short
+        t0 = time.time()
+        adapter_dir = train_lora(cfg, progress=ctx.progress)
+        report = _read_json(adapter_dir.parent / "train_report.json")
+        losses = [json.loads(line)["loss"] for line in
+                  (adapter_dir.parent / "metrics.jsonl").read_text().splitlines() if line]
+        shutil.rmtree(adapter_dir.parent / "checkpoints", ignore_errors=True)
+        info = {"family": fam, "task": task, "steps": report["run"]["steps"],
+                "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+                "seconds": round(time.time() - t0, 1)}
+        _log(f"   {name}: {info['steps']} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+             f"({info['seconds']:.0f}s)")
+        return info
+
+    return {expert_name(f, t): _unit(work, expert_name(f, t), lambda f=f, t=t: train(f, t))
+            for f, t in s.experts}
+
+
+# ----------------------------------------------------------------------------- stage 4: fusion
+#: Fusion variants: name -> (label, config overrides).
+FUSION_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fused": ("HeteroFusion", {}),
+    "zero_sources": ("ablation: zero sources", {"fusion.zero_sources": True}),
+    "no_denoise": ("ablation: w/o denoising", {"fusion.gate": "open", "rdm.lambda_reg": 0.0}),
+}
+
+
+def fuse_config(ctx: _Ctx, work: Path, variant: str) -> Any:
+    """The fuse job's config for one variant (paths point at the finished earlier stages)."""
+    from configs.fuse import get_config
+
+    s = ctx.sizes
+    experts = ctx.final("experts")
+    cfg = get_config()
+    cfg.task_name = variant
+    cfg.experiment_name = f"hfjax demo ({s.name})"
+    cfg.output_dir = str(work)
+    cfg.seed = 0
+    cfg.target.model_path = str(ctx.final("models") / "llama")
+    cfg.target.adapter_path = str(experts / expert_name("llama", s.target_task) / "adapter")
+    cfg.sources = tuple({"name": expert_name(f, t),
+                         "adapter_path": str(experts / expert_name(f, t) / "adapter")}
+                        for f, t in s.experts[1:])
+    cfg.data.data_root = str(ctx.final("data"))
+    cfg.data.datasets = tuple(f"{t}_replay" for t in s.tasks)
+    cfg.data.cutoff_len = s.cutoff_len
+    cfg.data.min_bucket = s.min_bucket
+    cfg.fusion.block_size = s.block_size
+    cfg.fusion.embed_dim = s.embed_dim
+    cfg.fusion.num_heads = s.num_heads
+    cfg.fusion.max_pos = s.max_pos
+    cfg.rdm.num_projections = s.num_projections
+    cfg.train.epochs = s.fuse_epochs
+    cfg.train.batch_size = s.fuse_batch
+    cfg.train.grad_accum = s.fuse_accum
+    cfg.train.lr = s.fuse_lr
+    cfg.train.base_dtype = "float32"
+    cfg.train.checkpoint_every = 10**6
+    for path, value in FUSION_VARIANTS[variant][1].items():
+        section, field = path.split(".")
+        cfg[section][field] = value
+    return cfg
+
+
+def peft_check(model_dir: Path, adapter_dir: Path, data_file: Path) -> dict[str, Any]:
+    """Load ``adapter_dir`` with ``peft.PeftModel`` on ``model_dir``; compare logits with ours.
+
+    Returns ``{"max_abs_diff", "adapter_effect", "tokens"}`` (``adapter_effect``: the largest
+    logit change the adapter makes, so a silently unloaded adapter would show 0), or
+    ``{"skipped": why}`` when torch / peft are not installed.
+    """
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as e:
+        return {"skipped": f"{e.name} is not installed"}
+    import numpy as np
+
+    from bridge import load_adapter
+    from hfjax.loading import from_pretrained
+    from hfjax.training.data import encode_example, load_alpaca
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    ex = encode_example(load_alpaca(data_file)[0], tok, "llama3", 1024)
+    ids = ex.input_ids[None].astype(np.int64)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    pm = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        ref = pm(input_ids=torch.as_tensor(ids)).logits.float().numpy()
+    model = from_pretrained(model_dir, dtype="float32")
+    ours = np.asarray(model(ids, adapter=load_adapter(adapter_dir)))
+    plain = np.asarray(model(ids))
+    return {"max_abs_diff": float(np.abs(ours - ref).max()),
+            "adapter_effect": float(np.abs(ours - plain).max()), "tokens": int(ids.shape[1]),
+            "torch": torch.__version__, "peft": peft.__version__}
+
+
+def _stage_fusion(ctx: _Ctx, work: Path) -> dict[str, Any]:
+    from hfjax.training.fuse_loop import run_fusion
+
+    s = ctx.sizes
+
+    def fuse(variant: str) -> dict[str, Any]:
+        label, overrides = FUSION_VARIANTS[variant]
+        cfg = fuse_config(ctx, work, variant)
+        shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "as configured"
+        _log(f"   {variant} ({label}; {shown})")
+        t0 = time.time()
+        res = run_fusion(cfg, progress=ctx.progress)
+        shutil.rmtree(res.output_dir / "checkpoints", ignore_errors=True)
+        hist = res.history
+        info = {"label": label, "overrides": overrides, "steps": res.steps,
+                "alpha": res.report["alpha"], "lm_loss_first": round(hist[0]["lm_loss"], 4),
+                "lm_loss_last": round(hist[-1]["lm_loss"], 4),
+                "compilations": res.compilations, "seconds": round(time.time() - t0, 1)}
+        _log(f"   {variant}: {res.steps} steps, LM loss {hist[0]['lm_loss']:.3f} -> "
+             f"{hist[-1]['lm_loss']:.3f}, alpha "
+             + ", ".join(f"{k.split('_r')[0]} {v:.3f}" for k, v in res.report["alpha"].items())
+             + f" ({info['seconds']:.0f}s)")
+        return info
+
+    info: dict[str, Any] = {v: _unit(work, v, lambda v=v: fuse(v)) for v in FUSION_VARIANTS}
+    if s.peft_check:
+        check = peft_check(ctx.final("models") / "llama", work / "fused" / "merged_lora",
+                           ctx.final("data") / f"{s.target_task}_test.json")
+    else:
+        check = {"skipped": "disabled by the run's sizes"}
+    if "skipped" in check:
+        _log(f"   PEFT check skipped: {check['skipped']}")
+    else:
+        _log(f"   PEFT check: fused adapter in peft.PeftModel vs JAX, max |logit diff| "
+             f"{check['max_abs_diff']:.2e} (the adapter moves logits by up to "
+             f"{check['adapter_effect']:.2f})")
+    info["peft_check"] = check
+    return info
+
+
+# ----------------------------------------------------------------------------- stage 5: eval
+def eval_plan(sizes: DemoSizes) -> list[tuple[str, str, str, str | None]]:
+    """``(row, task, model, adapter)`` of every evaluation: relative paths under the output.
+
+    Rows: ``base`` (the Llama base, no LoRA), ``target`` (the Llama movie expert), ``experts``
+    (each task's own expert on its own base: the reference ceiling), then the fusion variants.
+    """
+    target = f"experts/{expert_name('llama', sizes.target_task)}/adapter"
+    plan: list[tuple[str, str, str, str | None]] = []
+    for task in sizes.tasks:
+        plan.append(("base", task, "models/llama", None))
+    for task in sizes.tasks:
+        plan.append(("target", task, "models/llama", target))
+    for fam, task in sizes.experts:
+        plan.append(("experts", task, f"models/{fam}",
+                     f"experts/{expert_name(fam, task)}/adapter"))
+    for variant in FUSION_VARIANTS:
+        for task in sizes.tasks:
+            plan.append((variant, task, "models/llama", f"fusion/{variant}/merged_lora"))
+    return plan
+
+
+def _stage_eval(ctx: _Ctx, work: Path) -> dict[str, Any]:
+    from hfjax.demo.report import type_f1
+    from hfjax.eval.run import evaluate
+
+    s = ctx.sizes
+    plan = eval_plan(s)
+
+    def run(i: int, row: str, task: str, model: str, adapter: str | None) -> dict[str, Any]:
+        out_dir = work / row / task
+        m = evaluate(ctx.out / model, ctx.final("data") / f"{task}_test.json",
+                     adapter_path=None if adapter is None else ctx.out / adapter,
+                     batch_size=s.eval_batch, max_new_tokens=s.max_new_tokens,
+                     out_dir=out_dir, progress=False)
+        scores = {k: round(float(m[k]), 4) for k in ("f1", "precision", "recall", "exact_match")}
+        scores["type_f1"] = round(type_f1(out_dir / "predictions.jsonl"), 4)
+        if ctx.progress:
+            _log(f"   [{i + 1}/{len(plan)}] {row:<13} {task:<9} F1 {100 * scores['f1']:5.1f}  "
+                 f"type F1 {100 * scores['type_f1']:5.1f}  ({m['run']['generate_seconds']:.1f}s)")
+        return scores
+
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for i, item in enumerate(plan):
+        row, task = item[:2]
+        results.setdefault(row, {})[task] = _unit(work, f"{row}.{task}",
+                                                  lambda i=i, item=item: run(i, *item))
+    _write_json(work / "results.json", results)
+    return {"evaluations": len(plan), "rows": list(results)}
+
+
+# ----------------------------------------------------------------------------- stage 6: report
+def _stage_report(ctx: _Ctx, work: Path) -> dict[str, Any]:
+    from hfjax.demo.report import write_report
+
+    markers = {st: _read_json(ctx.out / f"{st}.done") for st in STAGES[:-1]}
+    path = write_report(ctx.out, work, ctx.sizes, markers)
+    return {"report": str(path.relative_to(work))}
+
+
+_STAGE_FUNCS: dict[str, Callable[[_Ctx, Path], dict[str, Any]]] = {
+    "data": _stage_data, "models": _stage_models, "experts": _stage_experts,
+    "fusion": _stage_fusion, "eval": _stage_eval, "report": _stage_report}
+
+_STAGE_TITLES = {
+    "data": "synthetic tasks (train / replay / test)",
+    "models": "tokenizers + briefly pretrained base models (Llama, Qwen2, Mistral)",
+    "experts": "LoRA experts (Llama target, Qwen2 + Mistral sources)",
+    "fusion": "HeteroFusion into the Llama target + 2 ablations",
+    "eval": "greedy evaluation on the held-out test splits",
+    "report": "report.md + plots",
+}
+
+
+# ----------------------------------------------------------------------------- the runner
+def _run_stage(ctx: _Ctx, index: int, stage: str, key: dict[str, Any],
+               t_start: float) -> dict[str, Any]:
+    """Run one stage (or skip it when its marker matches); return its marker."""
+    marker_file = ctx.out / f"{stage}.done"
+    final = ctx.final(stage)
+    header = f"== [{index + 1}/{len(STAGES)}] {stage}: {_STAGE_TITLES[stage]}"
+    if marker_file.exists() and final.exists():
+        marker = _read_json(marker_file)
+        if marker.get("key") == key:
+            _log(f"{header} -- cached, skipped (ran in {marker['seconds']:.1f}s)")
+            return {**marker, "skipped": True}
+        _log(f"{header} -- parameters changed, rerunning")
+    else:
+        _log(header)
+    marker_file.unlink(missing_ok=True)
+    if final.exists():
+        shutil.rmtree(final)
+    work = ctx.out / f".{stage}.partial"
+    key_file = work / ".key.json"
+    if work.exists() and (not key_file.exists() or _read_json(key_file) != key):
+        shutil.rmtree(work)  # a leftover of other parameters: start clean
+    if work.exists():
+        _log("   resuming an interrupted run of this stage")
+    work.mkdir(parents=True, exist_ok=True)
+    _write_json(key_file, key)
+    t0 = time.time()
+    info = _STAGE_FUNCS[stage](ctx, work)
+    seconds = time.time() - t0
+    key_file.unlink()
+    os.replace(work, final)
+    marker = {"stage": stage, "key": key, "seconds": round(seconds, 2),
+              "peak_rss_mb": peak_rss_mb(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "elapsed_in_run": round(time.time() - t_start, 2), "info": info}
+    _write_json(marker_file, marker)
+    _log(f"   done in {seconds:.1f}s (peak RSS so far {marker['peak_rss_mb']:.0f} MiB)")
+    return {**marker, "skipped": False}
+
+
+def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the demo job into ``out_dir``; return its summary.
+
+    Args:
+        out_dir: Output folder; finished stages found there are reused.
+        fast: Tiny sizes (a minute or two) instead of the default (< 10 minutes on 2 cores).
+        progress: Progress bars and per-step lines (stage headers are always printed).
+
+    Returns:
+        ``{"out_dir", "sizes", "stages": {stage: {"seconds", "skipped", "peak_rss_mb"}},
+        "table": {"columns": [...], "rows": {row: {task: F1 x 100}}, ...}, "type_table"
+        (the same for type-only F1), "results", "report", "seconds"}``, where ``results``
+        holds every (row, task)'s F1 / precision / recall / exact match / type-only F1
+        (fractions) and ``report`` is the path of report.md.
+    """
+    from hfjax.demo.report import results_table
+
+    sizes = FAST if fast else DEFAULT
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = _Ctx(out=out, sizes=sizes, progress=progress)
+    t_start = time.time()
+    _log(f"hfjax demo ({sizes.name} sizes) -> {out}")
+    chain = _digest(["hfjax-demo", _VERSION])
+    stages: dict[str, Any] = {}
+    for i, stage in enumerate(STAGES):
+        params = sizes.stage_params(stage)
+        chain = _digest([chain, stage, params])
+        key = {"params": params, "chain": chain}
+        m = _run_stage(ctx, i, stage, key, t_start)
+        stages[stage] = {"seconds": m["seconds"], "skipped": m["skipped"],
+                         "peak_rss_mb": m["peak_rss_mb"]}
+    results = _read_json(out / "eval" / "results.json")
+    total = time.time() - t_start
+    report = out / "report" / "report.md"
+    _log(f"hfjax demo: finished in {total:.1f}s; report: {report}")
+    return {"out_dir": str(out), "sizes": sizes.name, "stages": stages,
+            "table": results_table(results, sizes),
+            "type_table": results_table(results, sizes, "type_f1"), "results": results,
+            "report": str(report), "seconds": round(total, 2)}
+
+
+def main(args: argparse.Namespace) -> int:
+    """``hfjax demo [--out DIR] [--fast] [--quiet]``: run the job, print the results table."""
+    from hfjax.demo.report import markdown_table
+
+    summary = run_demo(args.out, fast=bool(args.fast), progress=not getattr(args, "quiet", False))
+    print(markdown_table(summary["table"]))
+    print()
+    print(markdown_table(summary["type_table"]))
+    print(f"\nreport: {summary['report']}")
+    return 0

@@ -1,0 +1,171 @@
+"""Brief full-parameter pretraining of the demo's tiny base models, in JAX.
+
+A randomly initialised base model makes a poor LoRA host: every expert would have to learn
+the language from scratch through rank-r updates. So each family's base is first trained for
+a minute or less on :func:`hfjax.demo.tasks.pretraining_corpus` text with plain next-token
+prediction::
+
+    docs    = pretraining_corpus(4000, seed=0)                   # list[str]
+    tokens  = pack_corpus(docs, tokenizer, seq_len=128)           # int32 (n_rows, 128)
+    params, losses = pretrain(model_cfg, init_params(...), tokens, PretrainConfig(steps=300))
+    build_base_model(out_dir, shape, tokenizer, params=params)    # an HF checkpoint
+
+Packing: each document is encoded without special tokens and followed by the tokenizer's
+eos id; the documents are concatenated and cut into fixed-length rows (the tail is dropped),
+so every step has the same shape and the step function compiles once. Batches are drawn
+from a per-epoch permutation of the rows (``numpy`` PCG64 seeded by ``(seed, epoch)``).
+
+The optimiser is optax AdamW with a warmup-stable-decay schedule, all parameters trained,
+float32, loss = mean token cross-entropy over every position
+(`hfjax.training.objective.token_nll`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hfjax.models.config import ModelConfig
+from hfjax.models.decoder import forward
+from hfjax.training.objective import token_nll
+
+__all__ = ["PretrainConfig", "pack_corpus", "pretrain"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """How long and how hard to pretrain one base model.
+
+    Attributes:
+        steps: Optimizer steps (one batch each).
+        batch_size: Packed rows per step.
+        seq_len: Tokens per packed row.
+        lr: Peak AdamW learning rate.
+        warmup_ratio: Share of ``steps`` spent warming up linearly from 0.
+        decay_ratio: Share of ``steps`` at the end spent decaying linearly to 0; the lr is
+            constant in between (warmup-stable-decay: a short run spends most of its
+            steps at the peak lr).
+        weight_decay: AdamW decoupled weight decay.
+        seed: Seeds the batch order.
+    """
+
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 5e-3
+    warmup_ratio: float = 0.1
+    decay_ratio: float = 0.2
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def wsd_schedule(lr: float, steps: int, warmup_ratio: float, decay_ratio: float
+                 ) -> optax.Schedule:
+    """Linear warmup from 0, constant ``lr``, linear decay to 0 over the last steps."""
+    warmup = max(1, int(warmup_ratio * steps))
+    decay = max(1, int(decay_ratio * steps))
+    stable = max(0, steps - warmup - decay)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr),
+         optax.linear_schedule(lr, 0.0, decay)], [warmup, warmup + stable])
+
+
+def pack_corpus(texts: Iterable[str], tokenizer: Any, seq_len: int) -> np.ndarray:
+    """Encode ``texts`` (each followed by eos), concatenate, cut into ``(n, seq_len)`` rows.
+
+    Raises:
+        ValueError: if the corpus is shorter than one row.
+    """
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer.encode(text, add_special_tokens=False))
+        if eos is not None:
+            stream.append(int(eos))
+    n_rows = len(stream) // seq_len
+    if n_rows == 0:
+        raise ValueError(f"corpus has {len(stream)} tokens, fewer than one row of {seq_len}")
+    return np.asarray(stream[: n_rows * seq_len], np.int32).reshape(n_rows, seq_len)
+
+
+def _loss(params: Any, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
+    logits, _ = forward(params, cfg, ids, jnp.ones_like(ids), {})
+    total, count = token_nll(logits, ids)
+    return total / jnp.maximum(count, 1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "optimizer"), donate_argnums=(0, 1))
+def _step(params: Any, opt_state: Any, ids: jax.Array, *, cfg: ModelConfig,
+          optimizer: optax.GradientTransformation) -> tuple[Any, Any, jax.Array]:
+    loss, grads = jax.value_and_grad(_loss)(params, cfg, ids)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def _batches(n_rows: int, batch_size: int, seed: int) -> Any:
+    """Row indices of successive batches: epoch permutations, batches never straddle epochs."""
+    epoch = 0
+    while True:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+        order = rng.permutation(n_rows)
+        for b in range(n_rows // batch_size):
+            yield order[b * batch_size:(b + 1) * batch_size]
+        epoch += 1
+
+
+def pretrain(cfg: ModelConfig, params: Any, tokens: np.ndarray, pcfg: PretrainConfig, *,
+             progress: bool = True, desc: str = "pretrain") -> tuple[Any, list[float]]:
+    """Train every parameter of ``params`` on packed ``tokens`` for ``pcfg.steps`` steps.
+
+    Args:
+        cfg: The model's config.
+        params: Initial float32 parameters (e.g. `hfjax.loading.init_params`); donated.
+        tokens: ``(n_rows, seq_len)`` int32 from :func:`pack_corpus`; ``seq_len`` must be
+            ``pcfg.seq_len`` and ``n_rows >= pcfg.batch_size``.
+        pcfg: Steps, batch, learning rate, seed.
+        progress: Show a tqdm bar (on stderr) with the running loss.
+        desc: The bar's label.
+
+    Returns:
+        The trained parameters and the loss of every step.
+    """
+    from tqdm.auto import tqdm
+
+    if tokens.ndim != 2 or tokens.shape[1] != pcfg.seq_len:
+        raise ValueError(f"tokens must be (n, {pcfg.seq_len}), got {tokens.shape}")
+    if tokens.shape[0] < pcfg.batch_size:
+        raise ValueError(f"{tokens.shape[0]} packed rows < batch size {pcfg.batch_size}")
+    optimizer = optax.adamw(wsd_schedule(pcfg.lr, pcfg.steps, pcfg.warmup_ratio,
+                                         pcfg.decay_ratio), weight_decay=pcfg.weight_decay)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    opt_state = optimizer.init(params)
+    losses: list[float] = []
+    batches = _batches(tokens.shape[0], pcfg.batch_size, pcfg.seed)
+    t0 = time.time()
+    with tqdm(total=pcfg.steps, desc=desc, unit="step", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        pending: jax.Array | None = None
+        for _ in range(pcfg.steps):
+            ids = jnp.asarray(tokens[next(batches)])
+            params, opt_state, loss = _step(params, opt_state, ids, cfg=cfg,
+                                            optimizer=optimizer)
+            if pending is not None:  # read the previous loss: keeps one step in flight
+                losses.append(float(pending))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            pending = loss
+            bar.update(1)
+        if pending is not None:
+            losses.append(float(pending))
+    if not np.isfinite(losses[-1]):
+        raise RuntimeError(f"{desc}: non-finite pretraining loss {losses[-1]} after "
+                           f"{pcfg.steps} steps ({time.time() - t0:.0f}s)")
+    return params, losses
