@@ -22,9 +22,9 @@ No 8B checkpoints needed: everything is built here, each stage for real::
 ``.<stage>.partial/`` folder, renames it to ``<stage>/`` when done and then writes
 ``<stage>.done`` (JSON: its key parameters, a digest chained over the earlier stages' keys,
 wall time, peak RSS). A rerun skips every stage whose marker matches and says so; a stage
-whose parameters changed reruns, and so does everything after it. An interrupted stage
-resumes at its first unfinished unit (a base model, an expert, a fusion variant, an
-evaluation).
+whose parameters changed (or whose output is missing) reruns, and so does everything after
+it. An interrupted stage resumes at its first unfinished unit (a base model, an expert, a
+fusion variant, an evaluation).
 
 ``fast=True`` shrinks every size (4 tasks, fewer steps, shorter answers) so the whole job
 takes a minute or two; every stage still runs for real. The default sizes are chosen to
@@ -519,13 +519,15 @@ _STAGE_TITLES = {
 
 
 # ----------------------------------------------------------------------------- the runner
-def _run_stage(ctx: _Ctx, index: int, stage: str, key: dict[str, Any],
-               t_start: float) -> dict[str, Any]:
-    """Run one stage (or skip it when its marker matches); return its marker."""
+def _run_stage(ctx: _Ctx, index: int, stage: str, key: dict[str, Any], t_start: float, *,
+               force: bool = False) -> dict[str, Any]:
+    """Run one stage (or skip it when its marker matches and not ``force``); return its marker."""
     marker_file = ctx.out / f"{stage}.done"
     final = ctx.final(stage)
     header = f"== [{index + 1}/{len(STAGES)}] {stage}: {_STAGE_TITLES[stage]}"
-    if marker_file.exists() and final.exists():
+    if force and marker_file.exists():
+        _log(f"{header} -- an earlier stage reran, rerunning")
+    elif marker_file.exists() and final.exists():
         marker = _read_json(marker_file)
         if marker.get("key") == key:
             _log(f"{header} -- cached, skipped (ran in {marker['seconds']:.1f}s)")
@@ -583,11 +585,13 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False,
     _log(f"hfjax demo ({sizes.name} sizes) -> {out}")
     chain = _digest(["hfjax-demo", _VERSION])
     stages: dict[str, Any] = {}
+    rerun = False  # once a stage runs, every later one runs too: its inputs were rewritten
     for i, stage in enumerate(STAGES):
         params = sizes.stage_params(stage)
         chain = _digest([chain, stage, params])
         key = {"params": params, "chain": chain}
-        m = _run_stage(ctx, i, stage, key, t_start)
+        m = _run_stage(ctx, i, stage, key, t_start, force=rerun)
+        rerun = rerun or not m["skipped"]
         stages[stage] = {"seconds": m["seconds"], "skipped": m["skipped"],
                          "peak_rss_mb": m["peak_rss_mb"]}
     results = _read_json(out / "eval" / "results.json")

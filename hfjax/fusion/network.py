@@ -309,8 +309,10 @@ def _jitted_init(block_size: int, rank: int, embed_dim: int, num_heads: int, max
     net = TransferNet(block_size=block_size, rank=rank, embed_dim=embed_dim,
                       num_heads=num_heads, max_pos=max_pos, mu_gate=mu_gate, gate=gate)
     F = block_size * rank
-    dummy = (jnp.zeros((1, 2, F)), jnp.zeros((1, 2, rank)),
-             jnp.zeros((1, 1, F)), jnp.zeros((1, 1, rank)))
+    # numpy, not jnp: this function is cached, and jnp arrays made inside a trace would be
+    # cached tracers.
+    dummy = (np.zeros((1, 2, F), np.float32), np.zeros((1, 2, rank), np.float32),
+             np.zeros((1, 1, F), np.float32), np.zeros((1, 1, rank), np.float32))
     return jax.jit(lambda key: net.init(key, *dummy, n_a=1)["params"])
 
 
