@@ -355,16 +355,20 @@ def _alpha_table(fusion_info: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _stage_table(markers: Mapping[str, Mapping[str, Any]], report_seconds: float | None) -> str:
-    lines = ["| stage | wall time (s) | peak RSS after it (MiB) |", "|---|---:|---:|"]
-    total = 0.0
+def _stage_table(markers: Mapping[str, Mapping[str, Any]], report_seconds: float) -> str:
+    lines = ["| stage | wall time (s) | CPU time (s) | load average at its end | "
+             "peak RSS after it (MiB) |", "|---|---:|---:|---:|---:|"]
+    wall, cpu = 0.0, None
     for stage, m in markers.items():
-        lines.append(f"| {stage} | {m['seconds']:.1f} | {m['peak_rss_mb']:.0f} |")
-        total += m["seconds"]
-    if report_seconds is not None:
-        lines.append(f"| report | {report_seconds:.1f} | – |")
-        total += report_seconds
-    lines.append(f"| **total** | **{total:.1f}** | |")
+        c, load = m.get("cpu_seconds"), m.get("load_average")
+        lines.append(f"| {stage} | {m['seconds']:.1f} | "
+                     f"{'–' if c is None else f'{c:.1f}'} | "
+                     f"{'–' if load is None else f'{load:.1f}'} | {m['peak_rss_mb']:.0f} |")
+        wall += m["seconds"]
+        cpu = cpu if c is None else (cpu or 0.0) + c
+    total_cpu = "–" if cpu is None else f"**{cpu:.1f}**"
+    lines.append(f"| report | {report_seconds:.1f} | – | – | – |")
+    lines.append(f"| **total** | **{wall + report_seconds:.1f}** | {total_cpu} | | |")
     return "\n".join(lines)
 
 
@@ -469,7 +473,10 @@ def write_report(out: Path, work: Path, sizes: Any,
         "",
         _stage_table(markers, round(time.time() - t0, 1)),
         "",
-        f"Peak RSS: **{peak:.0f} MiB** ({rss_note}).",
+        f"Peak RSS: **{peak:.0f} MiB** ({rss_note}). CPU time counts every thread of the "
+        "process; the load average (1 minute, whole machine) shows how much else was running: "
+        "on a 2-core machine anything above 2 means the demo shared its cores and its wall "
+        "times are inflated.",
         "",
     ]
     path = work / "report.md"
