@@ -211,7 +211,8 @@ def _metric_findings(results: Mapping[str, Any], sizes: Any, eval_dir: Path, met
         out.append(f"Fused and the zero-source ablation are not distinguishable ({_fmt(zv)}), "
                    "so this run shows no measurable contribution of the sources themselves.")
     out.append(f"Without denoising (open gate, no RDM) the source-task {name} is "
-               f"{avg('no_denoise', src):.1f} (fused minus it: {_fmt(nd)}).")
+               f"{avg('no_denoise', src):.1f} (fused minus it: {_fmt(nd)}, i.e. "
+               f"{_verdict(nd)} from denoising).")
     return out, c
 
 
