@@ -910,6 +910,24 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+is_number = _number
+
+
+def check_train_fields(train: ConfigDict, bad: Any, positive: Any) -> None:
+    """Checks shared by the ``train`` sections of the fuse and train-lora configs.
+
+    ``bad(field, value, why)`` records a problem; ``positive(field)`` checks a positive int.
+    """
+    if not (_number(train.weight_decay) and train.weight_decay >= 0):
+        bad("train.weight_decay", train.weight_decay, "must be a non-negative number")
+    for field in ("batch_size", "grad_accum", "log_every", "checkpoint_every",
+                  "keep_checkpoints"):
+        positive(f"train.{field}")
+    steps = train.max_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps > 0):
+        bad("train.max_steps", steps, "must be -1 (all epochs) or positive")
+
+
 def validate_config(cfg: ConfigDict, *, check_paths: bool = True) -> None:
     """Checks one task's values (and, with ``check_paths``, that its inputs exist).
 
@@ -1037,14 +1055,7 @@ def validate_config(cfg: ConfigDict, *, check_paths: bool = True) -> None:
         value = _get(cfg, field)
         if not (_number(value) and 0 <= value < 1):
             bad(field, value, "must lie in [0, 1)")
-    if not (_number(cfg.train.weight_decay) and cfg.train.weight_decay >= 0):
-        bad("train.weight_decay", cfg.train.weight_decay, "must be a non-negative number")
-    for field in ("train.batch_size", "train.grad_accum", "train.log_every",
-                  "train.checkpoint_every", "train.keep_checkpoints"):
-        positive(field)
-    steps = cfg.train.max_steps
-    if not (isinstance(steps, int) and (steps == -1 or steps > 0)):
-        bad("train.max_steps", steps, "must be -1 (all epochs) or positive")
+    check_train_fields(cfg.train, bad, positive)
     choice("train.base_dtype", BASE_DTYPES)
 
     # Mesh.

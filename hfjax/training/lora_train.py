@@ -53,10 +53,12 @@ from configs import train_lora as _schema_module
 from hfjax.config_io import (
     ConfigError,
     apply_overrides,
+    check_train_fields,
     config_to_dict,
     expand_env,
     import_get_config,
 )
+from hfjax.config_io import is_number as _number
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import module_names
@@ -182,10 +184,6 @@ def load_train_config(path: str | os.PathLike[str] | None = None,
     return cfg
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate_train_config(cfg: ConfigDict, *, check_paths: bool = True) -> None:
     """Check every value (and, with ``check_paths``, that the inputs exist).
 
@@ -247,14 +245,7 @@ def validate_train_config(cfg: ConfigDict, *, check_paths: bool = True) -> None:
     positive("train.lr", integer=False)
     if not (_number(cfg.train.warmup_ratio) and 0 <= cfg.train.warmup_ratio <= 1):
         bad("train.warmup_ratio", cfg.train.warmup_ratio, "must lie in [0, 1]")
-    if not (_number(cfg.train.weight_decay) and cfg.train.weight_decay >= 0):
-        bad("train.weight_decay", cfg.train.weight_decay, "must be a non-negative number")
-    for field in ("train.batch_size", "train.grad_accum", "train.checkpoint_every",
-                  "train.keep_checkpoints", "train.log_every"):
-        positive(field)
-    steps = cfg.train.max_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps > 0):
-        bad("train.max_steps", steps, "must be -1 (all epochs) or positive")
+    check_train_fields(cfg.train, bad, positive)
     if cfg.train.base_dtype not in BASE_DTYPES:
         bad("train.base_dtype", cfg.train.base_dtype, f"must be one of {', '.join(BASE_DTYPES)}")
     if problems:
