@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from hfjax.fusion import FusionError, average_rdm, rdm_loss
-from hfjax.fusion.rdm import _rank_match_host, group_key, rdm_draws, rdm_from_draws
+from hfjax.fusion.rdm import (
+    _rank_match_host,
+    _rank_match_rows,
+    group_key,
+    rdm_draws,
+    rdm_from_draws,
+)
 
 KW = {"num_projections": 64}
 
@@ -30,6 +36,30 @@ def test_rank_match_reorders_sorted_target():
     np.testing.assert_array_equal(m, [[30.0, 7.0], [10.0, 8.0], [20.0, 9.0]])
     zs, ys = np.sort(zp, 0), np.sort(yp, 0)
     assert np.sum((zs - ys) ** 2) == pytest.approx(np.sum((zp - m) ** 2))
+
+
+def test_packed_key_sort_is_a_stable_argsort():
+    """The host path's packed (value, position) sort == numpy's stable argsort, with ties,
+    signed zeros, negatives, infinities and leading batch axes."""
+    rng = np.random.default_rng(3)
+    zp = rng.standard_normal((2, 3, 5, 40)).astype(np.float32)
+    zp[..., ::4] = 0.0
+    zp[..., 1::8] = -0.0  # ties with 0.0, as in a float sort
+    zp[..., 2::9] = zp[..., 3::9]
+    zp[0, 0, 0, :3] = [np.inf, -np.inf, -1e-38]
+    yp = rng.standard_normal(zp.shape).astype(np.float32)
+    order = np.argsort(zp, axis=-1, kind="stable")
+    want = np.empty_like(yp)
+    np.put_along_axis(want, order, np.sort(yp, axis=-1), axis=-1)
+    np.testing.assert_array_equal(_rank_match_rows(zp, yp), want)
+
+
+def test_vmapped_draws_equal_one_call_each():
+    z = jnp.asarray(embeddings())
+    keys = jax.random.split(jax.random.key(7), 3)
+    f = jax.jit(jax.vmap(lambda k: rdm_loss(z, k, sort="host", **KW)))
+    want = [float(rdm_loss(z, k, sort="host", **KW)) for k in keys]
+    np.testing.assert_allclose(f(keys), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("activation", ["relu", "prelu"])
