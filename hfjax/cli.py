@@ -8,6 +8,8 @@
 
 Config files are ml_collections Python files (``get_config()``) or the original release's
 YAML layout (see `hfjax.config_io`). Bad input ends with one line on stderr and exit code 2.
+Compiled executables are cached on disk (`hfjax.compile_cache`; ``HFJAX_COMPILATION_CACHE=off``
+turns that off).
 """
 
 from __future__ import annotations
@@ -135,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(rest)
     func: Callable[[argparse.Namespace, list[str]], int] = args.func
+    if args.command in ("fuse", "train-lora", "eval", "demo"):
+        from hfjax import compile_cache
+
+        compile_cache.enable()  # reruns of the same shapes skip XLA compilation
     try:
         return func(args, overrides)
     except KeyboardInterrupt:
