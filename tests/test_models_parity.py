@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import chex
+import jax
 import numpy as np
 import pytest
 
@@ -102,3 +104,19 @@ def test_batched_left_padded_generation_matches_transformers(case):
     got = ours.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=2,
                         pad_token_id=0)
     np.testing.assert_array_equal(got, ref, err_msg=name)
+
+
+def test_loading_trims_the_heap_by_bytes_not_per_tensor(case, monkeypatch):
+    """malloc_trim walks the whole heap: small models must not pay it once per tensor."""
+    import hfjax.loading as loading
+
+    name, d = case
+    calls: list[int] = []
+    monkeypatch.setattr(loading, "_trim_host_heap", lambda: calls.append(1))
+    ref = loading.from_pretrained(d, dtype="float32")
+    assert calls == []  # a tiny model stays under one trim's worth of bytes
+    n_tensors = len(jax.tree.leaves(ref.params))
+    monkeypatch.setattr(loading, "_TRIM_EVERY", 1)
+    again = loading.from_pretrained(d, dtype="float32")
+    assert len(calls) == n_tensors  # every tensor crosses a 1-byte threshold
+    chex.assert_trees_all_equal(ref.params, again.params)
