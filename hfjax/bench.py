@@ -65,6 +65,8 @@ from typing import Any
 
 import numpy as np
 
+from hfjax import machine
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 
@@ -673,10 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         p.error(f"unknown configuration(s) {bad}; known: {', '.join(CONFIGS)}")
     torch_too = not args.skip_torch and _torch_available()
-    import jax
-
-    print(f"hfjax bench: jax {jax.__version__} on {jax.default_backend()} "
-          f"({os.cpu_count()} CPUs); allocator: {args.allocator} glibc malloc for both sides"
+    print(f"hfjax bench: {machine.describe()}; allocator: {args.allocator} glibc malloc "
+          "for both sides"
           + ("" if torch_too else "; torch side skipped"), flush=True)
     met: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hfjax_bench_") as tmp:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bridge import load_adapter
+from hfjax import machine
 from hfjax.demo.pipeline import FAST, FUSION_VARIANTS, STAGES, run_demo
 from hfjax.demo.report import ROW_LABELS
 
@@ -76,6 +77,7 @@ def test_report_table_is_populated_from_real_runs(demo: tuple[Path, dict[str, An
             preds = (out / "eval" / variant / task / "predictions.jsonl").read_text().splitlines()
             assert len(preds) == FAST.n_test
     assert "### What the numbers show" in report and "Peak RSS" in report
+    assert f"Machine: {machine.describe()}." in report  # the figures name their machine
 
 
 def test_plots_exist(demo: tuple[Path, dict[str, Any]]) -> None:

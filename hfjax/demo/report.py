@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from hfjax import machine
+
 __all__ = ["METRICS", "ROW_LABELS", "markdown_table", "results_table", "type_f1",
            "write_report"]
 
@@ -478,6 +480,10 @@ def write_report(out: Path, work: Path, sizes: Any,
         "process; the load average (1 minute, whole machine) shows how much else was running: "
         "on a 2-core machine anything above 2 means the demo shared its cores and its wall "
         "times are inflated.",
+        "",
+        f"Machine: {machine.describe()}. Reruns on one machine gave the same scores here; "
+        "another CPU can give somewhat different ones (XLA:CPU compiles for the host's vector "
+        "units, which changes float rounding, and training amplifies it).",
         "",
     ]
     path = work / "report.md"

@@ -1,0 +1,32 @@
+"""One line naming the machine a figure was measured on (CPU model, cores, jax backend).
+
+Benchmarks and the demo report print it: timings, and on XLA:CPU even float rounding (and so
+the demo's trained scores), depend on the CPU's vector units, so a figure without its machine
+cannot be compared.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe() -> str:
+    """E.g. ``AMD EPYC, 2 CPUs (x86_64); jax 0.10.2 on cpu``."""
+    import jax
+
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs ({platform.machine()}); "
+            f"jax {jax.__version__} on {jax.default_backend()}")
