@@ -482,8 +482,8 @@ def write_report(out: Path, work: Path, sizes: Any,
         "times are inflated.",
         "",
         f"Machine: {machine.describe()}. Reruns on one machine gave the same scores here; "
-        "another CPU can give somewhat different ones (XLA:CPU compiles for the host's vector "
-        "units, which changes float rounding, and training amplifies it).",
+        "another CPU can give somewhat different ones (most likely because XLA:CPU compiles for "
+        "the host's vector units, which changes float rounding, and training amplifies it).",
         "",
     ]
     path = work / "report.md"
