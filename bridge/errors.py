@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["AdapterError", "CheckpointError"]
+__all__ = ["AdapterError", "CheckpointError", "UserError"]
+
+
+class UserError(ValueError):
+    """Bad input the user can fix (a file, a field, a value): the CLI prints its one-line message
+    and exits 2, without a traceback. Every input check in `bridge` and `hfjax` raises a subclass;
+    any other exception is treated as a bug."""
 
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-class _FileError(ValueError):
-    """``ValueError`` with a one-line ``"{file}: {problem}"`` message."""
+class _FileError(UserError):
+    """`UserError` with a one-line ``"{file}: {problem}"`` message."""
 
     def __init__(self, file: str | os.PathLike[str], problem: str | None = None) -> None:
         if problem is None:  # one ready-made message

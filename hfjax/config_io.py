@@ -86,6 +86,7 @@ import ml_collections
 import yaml
 
 from configs import fuse as _fuse_schema
+from hfjax.errors import UserError
 
 __all__ = [
     "ConfigError",
@@ -122,7 +123,7 @@ EXPORT_FILE = "adapter_model.safetensors"
 _PATH_FIELDS = ("output_dir", "target.model_path", "target.adapter_path", "data.data_root")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, reported before any work starts. One line per problem."""
 
     def __init__(self, message: str, problems: Sequence[str] | None = None):

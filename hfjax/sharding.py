@@ -59,6 +59,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from hfjax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical names the code uses (documented above; `check_rules` checks specs against rules).
@@ -73,7 +75,7 @@ _FUSION_KEEP = ("block", "lora_r")
 Rules = tuple[tuple[str, Any], ...]
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
     """A mesh or rule table that cannot work (one line: what and why)."""
 
 

@@ -41,9 +41,10 @@ from fractions import Fraction
 from typing import Any
 
 from bridge.lora_adapter import LoraAdapter, LoraModule
+from hfjax.errors import UserError
 
 
-class FusionError(ValueError):
+class FusionError(UserError):
     """A fusion request that cannot be honoured; the message is one line naming the culprit."""
 
 

@@ -20,11 +20,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+from hfjax.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")  # the rows of models/families.py
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """An HF config that we cannot run faithfully (one line, naming the file and the field)."""
 
 

@@ -50,6 +50,11 @@ _MLP = (
 )
 
 
+# Projection names of a decoder layer, derived from the rows above (LoRA targets use them).
+ATTN_PROJECTIONS: tuple[str, ...] = tuple(name for name, _, _ in _ATTN)
+MLP_PROJECTIONS: tuple[str, ...] = tuple(name for name, _, _ in _MLP)
+
+
 def key_table(cfg: ModelConfig) -> list[KeySpec]:
     """Every parameter of the model described by ``cfg``, in checkpoint order."""
     rows = [KeySpec(("embed",), "model.embed_tokens.weight", False, ("vocab", "embed"))]

@@ -30,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from hfjax.errors import UserError
 from hfjax.training.templates import ChatTemplate, Tokenizer, get_template, user_message
 
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A replay data file or dataset name is unusable; the message names the file and problem."""
 
 
