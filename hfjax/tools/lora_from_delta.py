@@ -145,8 +145,9 @@ def lora_from_delta(
                 raise CheckpointError(tuned.file_of(key), f"tensor {key!r} has shape {t.shape}, "
                                       f"the base has {b.shape}")
             if not np.array_equal(b, t):
-                diff = float(np.linalg.norm((t - b).astype(np.float64)))
-                not_captured[key] = _rel(diff, float(np.linalg.norm(b.astype(np.float64))))
+                t -= b
+                not_captured[key] = _rel(float(np.linalg.norm(t)), float(np.linalg.norm(b)))
+            del b, t
         base_path, tuned_path = str(base.path), str(tuned.path)
 
     errors = [m["rel_error"] for m in report_modules.values()]
