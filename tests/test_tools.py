@@ -430,3 +430,56 @@ def test_merge_full_on_smollm2(tmp_path_factory):
           f"{extra_mb:.0f} MiB above the imports, model {size / 2**20:.0f} MiB")
     assert diff <= 1e-4 and base_diff > 1e-2
     assert extra_mb * 2**20 < 0.5 * size
+
+
+# ------------------------------------------------------------------------------------------
+# bridge.checkpoint_stream on its own
+# ------------------------------------------------------------------------------------------
+
+
+def test_stream_checkpoint_round_trips_through_safetensors(tmp_path):
+    import ml_dtypes
+    from safetensors.torch import load_file
+
+    from bridge.checkpoint_stream import stream_checkpoint
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
+        "b": np.arange(7, dtype=np.int64),
+        "c": np.zeros((0, 4), np.float32),
+        "d": rng.standard_normal((2, 2, 2)).astype(np.float16),
+        "e": np.float32(1.5) * np.ones((), np.float32),
+    }
+    layout = [(k, v.shape, v.dtype) for k, v in tensors.items()]
+    stream_checkpoint(tmp_path / "one", layout, tensors.items(), {"x": 1})
+    stream_checkpoint(tmp_path / "many", layout, tensors.items(), {"x": 1}, max_shard_bytes=40)
+    assert len(list((tmp_path / "many").glob("model-*.safetensors"))) >= 3
+    for name in ("one", "many"):
+        with open_checkpoint(tmp_path / name) as ckpt:
+            assert ckpt.config == {"x": 1}
+            for k, v in tensors.items():
+                got = ckpt.get(k)
+                assert got.dtype == v.dtype and got.shape == v.shape
+                np.testing.assert_array_equal(got.reshape(-1).view(np.uint8),
+                                              v.reshape(-1).view(np.uint8))
+    loaded = load_file(tmp_path / "one" / "model.safetensors")  # the reference reader agrees
+    assert loaded["a"].dtype == torch.bfloat16 and loaded["b"].tolist() == list(range(7))
+
+
+def test_stream_checkpoint_refuses_tensors_off_the_layout(tmp_path):
+    from bridge.checkpoint_stream import stream_checkpoint
+
+    layout = [("a", (2,), np.float32), ("b", (3,), np.float32)]
+    bad_runs = (
+        [("b", np.zeros(3, np.float32)), ("a", np.zeros(2, np.float32))],  # order
+        [("a", np.zeros(2, np.float32)), ("b", np.zeros(4, np.float32))],  # shape
+        [("a", np.zeros(2, np.float64)), ("b", np.zeros(3, np.float32))],  # dtype
+        [("a", np.zeros(2, np.float32))],                                  # too few
+        [("a", np.zeros(2, np.float32)), ("b", np.zeros(3, np.float32)),
+         ("c", np.zeros(1, np.float32))],                                  # too many
+    )
+    for run in bad_runs:
+        with pytest.raises(CheckpointError, match="out"):
+            stream_checkpoint(tmp_path / "out", layout, iter(run), {})
+        assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path) == []
