@@ -379,7 +379,10 @@ def test_both_tools_stream_tensor_by_tensor(tmp_path):
 
 _MEASURE = """
 import json, resource, sys, time
+from hfjax.models.config import ModelConfig
 from hfjax.tools import merge_full
+
+ModelConfig.from_hf(sys.argv[1])  # imports transformers' config classes before measuring
 hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])  # peak so far
 t = time.perf_counter()
 merge_full(sys.argv[1], sys.argv[2], sys.argv[3])
@@ -405,7 +408,7 @@ def test_merge_full_on_smollm2(tmp_path_factory):
     base = convert_gguf(gguf_file, (Path(cache) if cache else root) / "smollm2-135m-instruct")
     adapter = make_peft_adapter(base, root / "lora", r=8, alpha=16, seed=0)
     out = root / "merged"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OPENBLAS_NUM_THREADS": "1"}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _MEASURE, str(base), str(adapter), str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
@@ -429,7 +432,7 @@ def test_merge_full_on_smollm2(tmp_path_factory):
           f"({wall:.1f} s with imports); peak RSS {stats['peak_rss_kb'] / 1024:.0f} MiB, "
           f"{extra_mb:.0f} MiB above the imports, model {size / 2**20:.0f} MiB")
     assert diff <= 1e-4 and base_diff > 1e-2
-    assert extra_mb * 2**20 < 0.5 * size
+    assert extra_mb * 2**20 < 0.5 * size  # the largest tensor (embeddings) is 22% of it
 
 
 # ------------------------------------------------------------------------------------------
