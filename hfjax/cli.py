@@ -5,6 +5,8 @@
     hfjax eval --model DIR [--adapter DIR] --data FILE.json [--out DIR]
     hfjax demo [--out DIR] [--fast]
     hfjax bench [...]
+    hfjax lora-from-delta --base DIR --tuned DIR --out DIR --rank R [--alpha A] [...]
+    hfjax merge-full --base DIR --adapter DIR --out DIR [--dtype float32|bfloat16|float16]
 
 Config files are ml_collections Python files (``get_config()``) or the original release's
 YAML layout (see `hfjax.config_io`). Bad input ends with one line on stderr and exit code 2.
@@ -90,6 +92,49 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_lora_from_delta(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.tools import format_summary, lora_from_delta
+
+    report = lora_from_delta(args.base, args.tuned, args.out, rank=args.rank, alpha=args.alpha,
+                             target_modules=args.target_modules, dtype=args.dtype)
+    print(format_summary(report))
+    print(f"adapter: {args.out}")
+    return 0
+
+
+def cmd_merge_full(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.tools import merge_full
+
+    r = merge_full(args.base, args.adapter, args.out, dtype=args.dtype)
+    print(f"merged {r['merged']} LoRA modules into {r['tensors']} tensors "
+          f"({r['bytes'] / 2**20:.1f} MiB, {r['shards']} shard(s)): {r['out_dir']}")
+    return 0
+
+
+def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
+    """The checkpoint tools (hfjax.tools): lora-from-delta and merge-full."""
+    from hfjax.models.families import ALL_LINEAR
+
+    ld = sub.add_parser("lora-from-delta", help="a full fine-tune as a PEFT LoRA (truncated SVD)")
+    ld.add_argument("--base", required=True, help="HF checkpoint the fine-tune started from")
+    ld.add_argument("--tuned", required=True, help="the fully fine-tuned HF checkpoint")
+    ld.add_argument("--out", required=True, help="output PEFT adapter directory")
+    ld.add_argument("--rank", required=True, type=int, help="LoRA rank r")
+    ld.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, scale 1)")
+    ld.add_argument("--target_modules", default=",".join(ALL_LINEAR),
+                    help="comma-separated projections (default: all linear)")
+    ld.add_argument("--dtype", default="float32", help="A/B dtype: float32 | bfloat16 | float16")
+    ld.set_defaults(func=cmd_lora_from_delta)
+
+    mf = sub.add_parser("merge-full", help="merge a PEFT LoRA into its base (plain HF checkpoint)")
+    mf.add_argument("--base", required=True, help="base HF checkpoint directory")
+    mf.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
+    mf.add_argument("--out", required=True, help="output HF checkpoint directory")
+    mf.add_argument("--dtype", default=None,
+                    help="float32 | bfloat16 | float16 (default: keep the base's dtypes)")
+    mf.set_defaults(func=cmd_merge_full)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfjax", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (see scripts/bench.py)")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     b.set_defaults(func=cmd_bench)
+    _add_tool_parsers(sub)
     return p
 
 
