@@ -12,7 +12,8 @@ same base model. Two kinds of operation:
    - ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: the A's and the
      B's are merged *separately* (stacked ``(3, 4, 32)`` and ``(3, 32, 4)``), each with weight
      ``sqrt(|w_i · scale_i|)`` (the sign goes on A only). The rank stays 4.
-   - ``cat``: ``A = concat_i(w_i · scale_i · A_i)``, ``B = concat_i(B_i)``: exact, rank 12.
+   - ``cat``: ``A = concat_i(w_i · scale_i · A_i)``, ``B = concat_i(B_i)``: exact, rank 12
+     (the sum of the sources' ranks; rows of a source that lacks a module stay zero).
    - ``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``:
      the full ``ΔW_i = scale_i · B_i A_i`` (``(3, 32, 32)``) are merged, then truncated to
      ``svd_rank`` (default: the largest source rank) by SVD: ``B = U_r S_r``, ``A = Vh_r``.
@@ -331,6 +332,7 @@ def merge_adapters(
                              + ", ".join(f"{_name(a, i)}: r={_config_rank(a)}"
                                          for i, a in enumerate(adapters)))
     new_rank = svd_rank or max(_config_rank(a) for a in adapters)
+    cat_rank = sum(_config_rank(a) for a in adapters)
 
     out: dict[str, LoraModule] = {}
     for index, (name, who) in enumerate(holders.items()):
@@ -343,6 +345,8 @@ def merge_adapters(
             a = np.concatenate([np.asarray(m.A, np.float32) * wi
                                 for m, wi in zip(mods, w, strict=True)])
             b = np.concatenate([np.asarray(m.B, np.float32) for m in mods], axis=1)
+            pad = cat_rank - a.shape[0]  # PEFT's cat rank: every source's r, zeros unused
+            a, b = np.pad(a, ((0, pad), (0, 0))), np.pad(b, ((0, 0), (0, pad)))
         elif kind in _FACTOR_TYPES:
             if len({m.rank for m in mods}) > 1:
                 raise MergeError(
