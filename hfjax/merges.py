@@ -104,6 +104,22 @@ def _magnitude_keep(tensor: jax.Array, density: float) -> jax.Array:
     return flat.reshape(tensor.shape)
 
 
+_CHUNK = 1 << 16  # entries per Bernoulli draw: one compiled shape for every tensor
+
+
+@jax.jit
+def _bernoulli_chunk(key: jax.Array, index: int, density: float) -> jax.Array:
+    return jax.random.bernoulli(jax.random.fold_in(key, index), density, (_CHUNK,))
+
+
+def random_keep_mask(key: jax.Array, density: float, shape: tuple[int, ...]) -> jax.Array:
+    """Bernoulli(``density``) keep-mask of ``shape`` (bool), drawn in fixed-size chunks so that
+    one compiled sampler serves every tensor shape (threefry compiles slowly on CPU)."""
+    size = math.prod(shape)
+    chunks = [_bernoulli_chunk(key, i, density) for i in range(-(-size // _CHUNK))]
+    return jnp.concatenate(chunks)[:size].reshape(shape)
+
+
 def prune(tensor: jax.Array, density: float, method: Literal["magnitude", "random"], *,
           rescale: bool = False, key: jax.Array | None = None,
           mask: jax.Array | None = None) -> jax.Array:
@@ -123,7 +139,7 @@ def prune(tensor: jax.Array, density: float, method: Literal["magnitude", "rando
     if mask is None:
         if key is None:
             raise MergeError("random pruning needs a key or a mask")
-        mask = jax.random.bernoulli(key, density, tensor.shape)
+        mask = random_keep_mask(key, density, tensor.shape)
     out = tensor * jnp.asarray(mask, tensor.dtype)
     return out / jnp.asarray(density, tensor.dtype) if rescale else out
 
@@ -149,13 +165,17 @@ def disjoint_merge(tensors: jax.Array, sign_mask: jax.Array) -> jax.Array:
 
 def _prune_each(tensors: jax.Array, density: float, method: Literal["magnitude", "random"],
                 key: jax.Array | None, masks: jax.Array | None) -> jax.Array:
-    rescale = method == "random"
-    keys = [None] * len(tensors) if key is None else list(jax.random.split(key, len(tensors)))
-    return jnp.stack([
-        prune(t, density, method, rescale=rescale, key=keys[i],
-              mask=None if masks is None else masks[i])
-        for i, t in enumerate(tensors)
-    ])
+    """`prune` applied to each stacked tensor; random keep-masks are ``masks`` or one draw of
+    shape ``tensors.shape`` from ``key``."""
+    if density >= 1 or method == "random" and masks is None and key is None:
+        return jnp.stack([prune(t, density, method, key=key) for t in tensors])  # checks
+    if density < 0:
+        raise MergeError(f"density must be >= 0, got {density}")
+    if method == "magnitude":
+        return tensors * jax.vmap(lambda t: _magnitude_keep(t, density))(tensors)
+    if masks is None:
+        masks = random_keep_mask(key, density, tensors.shape)
+    return tensors * jnp.asarray(masks, tensors.dtype) / jnp.asarray(density, tensors.dtype)
 
 
 def magnitude_prune(tensors: jax.Array, weights: jax.Array, density: float) -> jax.Array:
@@ -190,9 +210,9 @@ def dare_ties(tensors: jax.Array, weights: jax.Array, density: float,
 
 @partial(jax.jit, static_argnames=("kind", "density", "sign_method"))
 def _combine(kind: str, tensors: jax.Array, weights: jax.Array, density: float | None,
-             sign_method: SignMethod, key: jax.Array | None, masks: jax.Array | None
-             ) -> jax.Array:
-    """One stacked merge; ``kind`` is a combination type without its ``_svd`` suffix."""
+             sign_method: SignMethod, masks: jax.Array | None) -> jax.Array:
+    """One stacked merge; ``kind`` is a combination type without its ``_svd`` suffix; DARE's
+    keep-``masks`` are drawn outside (see `random_keep_mask`)."""
     if kind in ("linear", "svd"):
         return task_arithmetic(tensors, weights)
     if kind == "ties":
@@ -200,9 +220,9 @@ def _combine(kind: str, tensors: jax.Array, weights: jax.Array, density: float |
     if kind == "magnitude_prune":
         return magnitude_prune(tensors, weights, density)
     if kind == "dare_linear":
-        return dare_linear(tensors, weights, density, key=key, masks=masks)
+        return dare_linear(tensors, weights, density, masks=masks)
     if kind == "dare_ties":
-        return dare_ties(tensors, weights, density, sign_method, key=key, masks=masks)
+        return dare_ties(tensors, weights, density, sign_method, masks=masks)
     raise AssertionError(kind)
 
 
@@ -339,7 +359,8 @@ def merge_adapters(
         mods = [adapters[i].modules[name] for i in who]
         w = [weights[i] * m.scale for i, m in zip(who, mods, strict=True)]
         mod_masks = (masks or {}).get(name, {})
-        mod_key = None if key is None else jax.random.fold_in(key, index)
+        how = dict(kind=base, density=density, sign_method=majority_sign_method, key=key,
+                   masks=mod_masks, name=name, index=index)
         dtype = mods[0].A.dtype  # PEFT casts to the first source's dtype
         if kind == "cat":
             a = np.concatenate([np.asarray(m.A, np.float32) * wi
@@ -358,19 +379,17 @@ def merge_adapters(
             signed = [r if x >= 0 else -r for r, x in zip(root, w, strict=True)]
             w_a = jnp.asarray(signed, jnp.float32)
             w_b = jnp.asarray(root, jnp.float32)
-            ka, kb = (None, None) if mod_key is None else jax.random.split(mod_key)
-            a = _combine(base, jnp.stack([jnp.asarray(m.A, jnp.float32) for m in mods]), w_a,
-                         density, majority_sign_method, ka, _mask(mod_masks, "A", name))
-            b = _combine(base, jnp.stack([jnp.asarray(m.B, jnp.float32) for m in mods]), w_b,
-                         density, majority_sign_method, kb, _mask(mod_masks, "B", name))
+            a = _merge_stack(jnp.stack([jnp.asarray(m.A, jnp.float32) for m in mods]), w_a,
+                             "A", **how)
+            b = _merge_stack(jnp.stack([jnp.asarray(m.B, jnp.float32) for m in mods]), w_b,
+                             "B", **how)
         else:
             deltas = jnp.stack([
                 m.scale * (jnp.asarray(m.B, jnp.float32) @ jnp.asarray(m.A, jnp.float32))
                 for m in mods
             ])
-            delta = _combine(base, deltas, jnp.asarray([weights[i] for i in who], jnp.float32),
-                             density, majority_sign_method, mod_key,
-                             _mask(mod_masks, "delta", name))
+            w_d = jnp.asarray([weights[i] for i in who], jnp.float32)
+            delta = _merge_stack(deltas, w_d, "delta", **how)
             rank = min(new_rank, *delta.shape)
             a, b = _svd_factors(delta, rank, None if svd_clamp is None else float(svd_clamp))
         out[name] = LoraModule(name=name, A=np.asarray(a).astype(dtype),
@@ -378,10 +397,28 @@ def merge_adapters(
     return LoraAdapter(config=_merged_config(adapters, out), modules=out)
 
 
-def _mask(mod_masks: Mapping[str, Any], kind: str, name: str) -> jax.Array | None:
-    if kind not in mod_masks:
+def _merge_stack(stacked: jax.Array, weights: jax.Array, label: str, *, kind: str,
+                 density: float | None, sign_method: SignMethod, key: jax.Array | None,
+                 masks: Mapping[str, Any], name: str, index: int) -> jax.Array:
+    """Merge one module's stacked ``label`` tensors (A, B or delta); DARE's keep-masks come
+    from ``masks`` or are drawn from ``key`` folded with the module index and ``label``."""
+    keep = _given_mask(masks, label, name, stacked.shape)
+    if keep is None and kind.startswith("dare") and density < 1:
+        sub = jax.random.fold_in(jax.random.fold_in(key, index), ("A", "B", "delta").index(label))
+        keep = random_keep_mask(sub, density, stacked.shape)
+    return _combine(kind, stacked, weights, density, sign_method, keep)
+
+
+def _given_mask(mod_masks: Mapping[str, Any], label: str, name: str,
+                shape: tuple[int, ...]) -> jax.Array | None:
+    """The caller's keep-mask for one stacked tensor of module ``name``, shape-checked."""
+    if label not in mod_masks:
         return None
-    return jnp.asarray(mod_masks[kind], jnp.float32)
+    keep = jnp.asarray(mod_masks[label], jnp.float32)
+    if keep.shape != tuple(shape):
+        raise MergeError(f"masks[{name!r}][{label!r}] has shape {keep.shape}; the {label} of "
+                         f"the sources adapting {name}, stacked, have shape {tuple(shape)}")
+    return keep
 
 
 # ------------------------------------------------------------------------------------------
