@@ -353,6 +353,9 @@ def merge_adapters(
                                          for i, a in enumerate(adapters)))
     new_rank = svd_rank or max(_config_rank(a) for a in adapters)
     cat_rank = sum(_config_rank(a) for a in adapters)
+    if base.startswith("dare") and masks is not None:
+        _check_masks(masks, holders, adapters, "delta" if kind.endswith("_svd") else "AB",
+                     complete=key is None)
 
     out: dict[str, LoraModule] = {}
     for index, (name, who) in enumerate(holders.items()):
@@ -404,9 +407,35 @@ def _merge_stack(stacked: jax.Array, weights: jax.Array, label: str, *, kind: st
     from ``masks`` or are drawn from ``key`` folded with the module index and ``label``."""
     keep = _given_mask(masks, label, name, stacked.shape)
     if keep is None and kind.startswith("dare") and density < 1:
+        if key is None:
+            raise MergeError(f"masks has no {label!r} entry for module {name}; pass masks for "
+                             "every module, or a key")
         sub = jax.random.fold_in(jax.random.fold_in(key, index), ("A", "B", "delta").index(label))
         keep = random_keep_mask(sub, density, stacked.shape)
     return _combine(kind, stacked, weights, density, sign_method, keep)
+
+
+def _check_masks(masks: Mapping[str, Mapping[str, Any]], holders: Mapping[str, list[int]],
+                 adapters: Sequence[LoraAdapter], labels: str, *, complete: bool) -> None:
+    """Refuse, before any work, caller masks for unknown modules or of the wrong shape, and
+    (``complete``: no key to draw the rest) masks that leave a module out."""
+    names = ("delta",) if labels == "delta" else ("A", "B")
+    for name, per_label in masks.items():
+        if name not in holders:
+            raise MergeError(f"masks names module {name!r}, which no source adapts")
+        mods = [adapters[i].modules[name] for i in holders[name]]
+        want = {"A": (len(mods), *mods[0].A.shape), "B": (len(mods), *mods[0].B.shape),
+                "delta": (len(mods), mods[0].d_out, mods[0].d_in)}
+        for label in per_label:
+            if label not in names:
+                raise MergeError(f"masks[{name!r}] has a {label!r} entry; this merge takes "
+                                 + ("'delta'" if labels == "delta" else "'A' and 'B'"))
+            _given_mask(per_label, label, name, want[label])
+    for name in holders if complete else ():
+        for label in names:
+            if label not in masks.get(name, {}):
+                raise MergeError(f"masks has no {label!r} entry for module {name}; pass masks "
+                                 "for every module, or a key")
 
 
 def _given_mask(mod_masks: Mapping[str, Any], label: str, name: str,

@@ -160,7 +160,8 @@ def test_cat_is_exact_with_rslora_first(zoo, peft_model):
     sources, w = ["a1", "a0"], [0.7, 0.4]
     ref, _ = _peft_merge(peft_model, sources, w, "cat", "rs_cat")
     got = _ours(adapters, sources, w, "cat", None)
-    assert got.config["use_rslora"] is False
+    # PEFT 0.21 keeps use_rslora: its copy scales these tensors by sqrt(8); ours by 1.
+    assert got.config["use_rslora"] is False and {m.scale for m in got.modules.values()} == {1.}
     for mod, (a, b, _) in ref.items():
         m = got.modules[mod]
         np.testing.assert_allclose(m.A, a, atol=1e-6, rtol=0)
@@ -185,13 +186,17 @@ def test_svd_clamp_delta_close_to_peft(zoo, peft_model):
     np.testing.assert_allclose(_delta(m.A, m.B, 1.0), _delta(a, b, scale), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("combination_type", ["linear", "cat", "ties_svd", "dare_ties"])
-def test_merged_adapter_loads_in_peft_with_our_logits(zoo, tmp_path, combination_type):
+@pytest.mark.parametrize("combination_type, sources", [
+    ("linear", ("a0", "a1", "a2")), ("cat", ("a0", "a1", "a2")), ("ties_svd", ("a0", "a1", "a2")),
+    ("dare_ties", ("a0", "a1", "a2")), ("linear", ("low", "low", "low")),  # rank_pattern out
+])
+def test_merged_adapter_loads_in_peft_with_our_logits(zoo, tmp_path, combination_type, sources):
     base, _, adapters = zoo
     kw = {"density": 0.5} if combination_type not in ("linear", "cat") else {}
-    merged = merges.merge_adapters([adapters[s] for s in ("a0", "a1", "a2")], WEIGHTS,
+    merged = merges.merge_adapters([adapters[s] for s in sources], WEIGHTS,
                                    combination_type, key=jax.random.key(0), **kw)
     out = save_adapter(merged, tmp_path / combination_type)
+    assert {m.scale for m in load_adapter(out).modules.values()} == {1.0}
     pm = peft.PeftModel.from_pretrained(load_hf_model(base), str(out)).eval()
     ids = np.random.default_rng(1).integers(3, 96, size=(2, 9))
     ref = torch_logits(pm, ids)
@@ -338,3 +343,23 @@ def test_refuses_mismatched_ranks_modules_and_arguments(zoo):
         merges.merge_adapters([a0, a2], [1, 1], "average")
     with pytest.raises(merges.MergeError, match="2 weights for 1"):
         merges.merge_adapters([a0], [1, 1])
+    mod = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(merges.MergeError) as exc:
+        merges.merge_adapters([a0, a0], [1, 1], "dare_linear", density=0.5,
+                              masks={mod: {"A": np.ones((3, 4, 32))}})
+    assert mod in _one_line(exc) and "(2, 4, 32)" in str(exc.value)
+    with pytest.raises(merges.MergeError, match="no 'A' entry for module model.layers.0.mlp"):
+        merges.merge_adapters([a0, a0], [1, 1], "dare_linear", density=0.5,
+                              masks={mod: {"A": np.ones((2, 4, 32))}})
+
+
+def test_one_source_is_a_linear_merge(zoo):
+    """As in PEFT, a single source is merged linearly whatever the combination type."""
+    a0 = zoo[2]["a0"]
+    for combination_type in ("ties", "svd", "dare_linear"):
+        got = merges.merge_adapters([a0], [0.5], combination_type, density=0.1)
+        for mod, m in a0.modules.items():
+            g = got.modules[mod]
+            assert g.rank == m.rank
+            np.testing.assert_allclose(_delta(g.A, g.B, g.scale), 0.5 * _delta(m.A, m.B, m.scale),
+                                       atol=1e-6, rtol=0)
