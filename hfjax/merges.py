@@ -16,13 +16,17 @@ same base model. Two kinds of operation:
      (the sum of the sources' ranks; rows of a source that lacks a module stay zero).
    - ``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``:
      the full ``ΔW_i = scale_i · B_i A_i`` (``(3, 32, 32)``) are merged, then truncated to
-     ``svd_rank`` (default: the largest source rank) by SVD: ``B = U_r S_r``, ``A = Vh_r``.
+     ``svd_rank`` (default: the largest source rank; at most the matrix's smaller side) by
+     SVD: ``B = U_r S_r``, ``A = Vh_r``. Singular vectors are fixed only up to sign, so these
+     factors may differ from PEFT's by a sign per component; ``B A`` does not.
 
    The merged adapter has ``lora_alpha == r`` (scale 1): the sources' scales (alpha / r, or
    alpha / sqrt(r) with rsLoRA, per module) are folded into the tensors. PEFT copies
    ``use_rslora`` from the first source, which makes its merge of rsLoRA sources ``sqrt(r)``
    times too strong; we write ``use_rslora: false`` and keep the delta the tensors encode.
-   As in PEFT, a module only some sources adapt is merged over those sources.
+   As in PEFT, a module only some sources adapt is merged over those sources. Refused with a
+   `MergeError` naming the adapter and the module: a module whose base shape differs between
+   sources, and (for the stacking types) sources of different ranks.
 
 2. `project_to_target`: a source's delta expressed in the target's A (the closed-form
    "target-basis projection"), ``scale_t · B* A_t ≈ ΔW_s`` in least squares::
@@ -34,7 +38,8 @@ same base model. Two kinds of operation:
 The tensor functions (`task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
 `magnitude_prune`, `prune`, `majority_sign_mask`, `disjoint_merge`) mirror
 ``peft.utils.merge_utils`` on tensors stacked on axis 0. DARE's random drop takes either a
-JAX ``key`` or the keep-masks themselves (``masks``), so a merge can be replayed exactly.
+JAX ``key`` or the keep-masks themselves (``masks``), so a merge can be replayed exactly
+(the tests replay the masks PEFT draws with ``torch.bernoulli``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ __all__ = [
     "merge_adapters",
     "project_to_target",
     "prune",
+    "random_keep_mask",
     "task_arithmetic",
     "ties",
 ]
