@@ -31,6 +31,15 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2", "Qwen2ForCausalLM", "qwen",
                "q/k/v biases; optional sliding window on some layers"),
         Family("mistral", "MistralForCausalLM", "mistral", "sliding-window attention"),
+        Family("qwen3", "Qwen3ForCausalLM", "qwen",
+               "per-head q/k RMSNorm before RoPE; no q/k/v bias; optional sliding layers"),
+        Family("gemma2", "Gemma2ForCausalLM", "gemma",
+               "scaled embeddings; (1 + w) norms around attention and MLP; tanh GeGLU; "
+               "attention and logit soft-capping; alternating sliding/global layers"),
+        Family("gemma3_text", "Gemma3ForCausalLM", "gemma",
+               "Gemma 2 without soft-capping; per-head q/k norms; local/global RoPE bases"),
+        Family("olmo2", "Olmo2ForCausalLM", "olmo2",
+               "norms after attention and MLP (none before); q/k RMSNorm over the projection"),
     )
 }
 
