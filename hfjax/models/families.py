@@ -38,7 +38,7 @@ FAMILIES: dict[str, Family] = {
                "attention and logit soft-capping; alternating sliding/global layers"),
         Family("gemma3_text", "Gemma3ForCausalLM", "gemma",
                "Gemma 2 without soft-capping; per-head q/k norms; local/global RoPE bases"),
-        Family("olmo2", "Olmo2ForCausalLM", "olmo2",
+        Family("olmo2", "Olmo2ForCausalLM", "olmo",
                "norms after attention and MLP (none before); q/k RMSNorm over the projection"),
     )
 }
