@@ -247,7 +247,8 @@ class ModelConfig:
             d["sliding_window"] = ws[0] if ws else None
             d["layer_types"] = ["sliding_attention" if w else "full_attention"
                                 for w in self.sliding_windows]
-            d["query_pre_attn_scalar"] = self.query_pre_attn_scalar
+            qpas = self.query_pre_attn_scalar  # transformers types it as int
+            d["query_pre_attn_scalar"] = int(qpas) if qpas and float(qpas).is_integer() else qpas
             d["attn_logit_softcapping"] = self.attn_softcap
             d["final_logit_softcapping"] = self.final_softcap
         if self.model_type == "gemma3_text":

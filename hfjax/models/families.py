@@ -12,7 +12,7 @@ import dataclasses
 
 from hfjax.models.key_tables import ATTN_PROJECTIONS, MLP_PROJECTIONS
 
-__all__ = ["ALL_LINEAR", "FAMILIES", "Family", "family", "template_for"]
+__all__ = ["ALL_LINEAR", "FAMILIES", "Family", "family", "markdown_table", "template_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +62,12 @@ def family(model_type: str) -> Family:
 def template_for(model_type: str) -> str:
     """The chat template "auto" means for ``model_type``."""
     return family(model_type).template
+
+
+def markdown_table() -> str:
+    """The README's "Supported models" table, one row per family (a test keeps them equal)."""
+    lines = ["| `model_type` | architecture | `auto` chat template | deltas from the Llama core |",
+             "|---|---|---|---|"]
+    lines += [f"| `{f.model_type}` | `{f.architecture}` | `{f.template}` | {f.deltas} |"
+              for f in FAMILIES.values()]
+    return "\n".join(lines)
