@@ -68,6 +68,8 @@ def fused(request, shared, tmp_path_factory):
     cfg.target.template = template
     cfg.sources = ({"name": src_family, "adapter_path": str(src)},)
     cfg.train.epochs = 1
+    cfg.data.min_bucket = cfg.data.cutoff_len = 128  # one bucket: one compilation
+    cfg.train.checkpoint_every = 100  # one checkpoint, at the end
     return family, base, target, model, run_fusion(cfg, progress=False)
 
 
@@ -75,6 +77,7 @@ def test_fusion_with_new_target_family(fused):
     family, base, target_dir, model, res = fused
     lm = [h["lm_loss"] for h in res.history]
     assert res.steps == 4 and np.isfinite(lm).all(), (family, lm)
+    assert res.report["run"]["compilations"] == 1
     target, out = load_adapter(target_dir), load_adapter(res.adapter_dir)
     fused_names = set(res.report["alpha_times_delta_B_fro"])
     assert fused_names and list(out.modules) == list(target.modules)
