@@ -3,8 +3,9 @@
 ::
 
     logits = forward(params, cfg, input_ids, attention_mask, adapter)
-    # params:   {"embed": (V, D), "layers": [{"input_norm", "attn": {q,k,v,o_proj},
-    #             "post_norm", "mlp": {gate,up,down_proj}}, ...], "final_norm", "lm_head"?}
+    # params:   {"embed": (V, D), "layers": [{"input_norm"?, "attn": {q,k,v,o_proj,
+    #             q_norm?, k_norm?}, "attn_out_norm"?, "post_norm"?, "mlp": {gate,up,down_proj},
+    #             "mlp_out_norm"?}, ...], "final_norm", "lm_head"?}  (? = family delta)
     # adapter:  {"model.layers.3.self_attn.q_proj": {"A": (r, D), "B": (Dq, r), "scale": ()}}
     # logits:   (B, T, V) float32
 
