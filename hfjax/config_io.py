@@ -87,6 +87,8 @@ import yaml
 
 from configs import fuse as _fuse_schema
 from hfjax.errors import UserError
+from hfjax.models.families import FAMILIES as _FAMILIES
+from hfjax.training.templates import TEMPLATES as _CHAT_TEMPLATES
 
 __all__ = [
     "ConfigError",
@@ -107,8 +109,8 @@ __all__ = [
 ConfigDict = ml_collections.ConfigDict
 
 # Values the schema's enumerated fields accept.
-TEMPLATES = ("llama3", "qwen", "mistral", "auto")
-TEMPLATE_BY_MODEL_TYPE = {"llama": "llama3", "qwen2": "qwen", "mistral": "mistral"}
+TEMPLATES = (*_CHAT_TEMPLATES, "auto")
+TEMPLATE_BY_MODEL_TYPE = {name: f.template for name, f in _FAMILIES.items()}
 GATES = ("svd", "open")
 ACTIVATIONS = ("relu", "prelu")
 RDM_SORTS = ("auto", "xla", "host")

@@ -173,7 +173,8 @@ def save_pretrained(decoder: Decoder, path: str | Path, *, dtype: Any = None,
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
                 std: float = 0.02) -> dict:
-    """Random params for ``cfg`` (normal(0, std) weights, zero biases, unit norms)."""
+    """Random params for ``cfg`` (normal(0, std) weights, zero biases, unit norms: a Gemma
+    norm weight is stored as an offset from 1, so it starts at zero)."""
     from hfjax.models.key_tables import our_shape
 
     params: dict = {}
@@ -181,8 +182,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
     keys = jax.random.split(key, len(table))
     for k, spec in zip(keys, table, strict=True):
         shape = our_shape(spec, cfg)
-        if spec.axes == ("norm",):
-            x = jnp.ones(shape, dtype)
+        if str(spec.ours[-1]).endswith("norm"):
+            x = (jnp.zeros if cfg.norm_kind == "gemma" else jnp.ones)(shape, dtype)
         elif spec.ours[-1] == "bias":
             x = jnp.zeros(shape, dtype)
         else:

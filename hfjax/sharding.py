@@ -13,7 +13,8 @@ array dimension the first matching rule whose mesh axes are still free wins)::
 
 Logical names in use (`check_rules` refuses a spec whose name has no rule):
 
-- base parameters (`hfjax.models.key_tables`): ``vocab, embed, q_heads, kv_heads, mlp, norm``;
+- base parameters (`hfjax.models.key_tables`): ``vocab, embed, q_heads, kv_heads, mlp, norm,
+  head_dim`` (the last: per-head q/k norm scales of Qwen3 / Gemma 3);
 - decoder activations (`hfjax.models.decoder`): ``batch, seq, embed, heads, mlp, vocab``;
 - transfer networks (`hfjax.fusion.network`): ``block`` (the ``block_size * r`` token width,
   the big dimension) and ``lora_r`` keep their names; the network's other names (``embed``
@@ -64,7 +65,7 @@ from hfjax.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical names the code uses (documented above; `check_rules` checks specs against rules).
-MODEL_PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "mlp", "norm")
+MODEL_PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "mlp", "norm", "head_dim")
 MODEL_ACTIVATION_AXES = ("batch", "seq", "embed", "heads", "mlp", "vocab")
 FUSION_AXES = ("block", "lora_r", "fusion_embed", "fusion_qkv", "fusion_mlp",
                "fusion_gate_mlp", "fusion_pos", "tokens")

@@ -10,6 +10,20 @@ import numpy as np
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=96, max_position_embeddings=128)
 
+# Tiny-shape settings per family: a head_dim other than hidden / heads where the family
+# allows one, and (Gemma) a scalar that is not head_dim and a short window.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 12, "sliding_window": 4,
+               "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 12, "sliding_window": 4,
+                    "layer_types": ["sliding_attention", "full_attention"],
+                    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                           "rope_theta": 100000.0},
+                                        "sliding_attention": {"rope_type": "default",
+                                                              "rope_theta": 1000.0}}},
+}
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -20,8 +34,13 @@ def make_hf_model(family: str, out_dir: Path, seed: int = 0, **overrides: Any) -
 
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[family]
-    kw = {**TINY, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **overrides}
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+           "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+           "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}[family]
+    kw = {**TINY, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+          **FAMILY_DEFAULTS.get(family, {}), **overrides}
     config = cls[0](**kw)
     torch.manual_seed(seed)
     model = cls[1](config).eval()

@@ -41,6 +41,10 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>"
                    "<|end_header_id|>", "<|eot_id|>"]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>"]
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+OLMO_SPECIALS = ["<|endoftext|>", "<|pad|>"]
+ALL_SPECIALS = (*LLAMA3_SPECIALS, *QWEN_SPECIALS, *MISTRAL_SPECIALS, *GEMMA_SPECIALS,
+                *OLMO_SPECIALS)
 
 
 def make_tokenizer(specials: list[str], bos: str | None, eos: str, unk: str | None = None):
@@ -71,6 +75,8 @@ def toks():
         "llama3": make_tokenizer(LLAMA3_SPECIALS, "<|begin_of_text|>", "<|end_of_text|>"),
         "qwen": make_tokenizer(QWEN_SPECIALS, None, "<|endoftext|>"),
         "mistral": make_tokenizer(MISTRAL_SPECIALS, "<s>", "</s>", unk="<unk>"),
+        "gemma": make_tokenizer(GEMMA_SPECIALS, "<bos>", "<eos>"),
+        "olmo": make_tokenizer(OLMO_SPECIALS, "<|endoftext|>", "<|endoftext|>"),
     }
 
 
@@ -89,13 +95,18 @@ SPEC_TEXT = {  # SPEC §8, byte for byte
         OUTPUT + "<|im_end|>",
     ),
     "mistral": ("<s>[INST] " + USER + " [/INST]", OUTPUT + "</s>"),
+    # LlamaFactory's gemma (efficient_eos: the tokenizer's EOS once after the response) and
+    # olmo (format_prefix = the EOS token; no newline before <|assistant|>).
+    "gemma": ("<bos><start_of_turn>user\n" + USER + "<end_of_turn>\n<start_of_turn>model\n",
+              OUTPUT + "<eos>"),
+    "olmo": ("<|endoftext|><|user|>\n" + USER + "<|assistant|>\n", OUTPUT + "<|endoftext|>"),
 }
 
 
 # --------------------------------------------------------------------------------------------
 # templates
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["llama3", "qwen", "mistral"])
+@pytest.mark.parametrize("name", ["llama3", "qwen", "mistral", "gemma", "olmo"])
 def test_template_text_is_byte_exact_and_ids_decode_to_it(toks, name):
     tok, tpl = toks[name], get_template(name)
     prompt_text, response_text = tpl.render(tok, USER, OUTPUT)
@@ -104,7 +115,7 @@ def test_template_text_is_byte_exact_and_ids_decode_to_it(toks, name):
     assert tok.decode(prompt_ids) == prompt_text
     assert tok.decode(response_ids) == response_text
     # every special token of the text is one id, and appears exactly where the text has it
-    for special in (*LLAMA3_SPECIALS, *QWEN_SPECIALS, *MISTRAL_SPECIALS):
+    for special in ALL_SPECIALS:
         sid = tok.convert_tokens_to_ids(special)
         if sid is None or sid == tok.unk_token_id:
             continue
@@ -122,6 +133,14 @@ def test_bos_and_end_ids(toks):
     p, r = get_template("mistral").encode(toks["mistral"], "u", "o")
     assert p[0] == toks["mistral"].bos_token_id
     assert r[-1] == toks["mistral"].eos_token_id
+    p, r = get_template("gemma").encode(toks["gemma"], "u", "o")
+    assert p[0] == toks["gemma"].bos_token_id and r[-1] == toks["gemma"].eos_token_id
+    assert p[1] == toks["gemma"].convert_tokens_to_ids("<start_of_turn>")
+    p, r = get_template("olmo").encode(toks["olmo"], "u", "o")
+    assert p[0] == toks["olmo"].eos_token_id and r[-1] == toks["olmo"].eos_token_id
+    assert p.count(toks["olmo"].eos_token_id) == 1
+    with pytest.raises(ValueError, match="gemma.*<start_of_turn>"):
+        get_template("gemma").check_tokenizer(toks["qwen"])
     tpl, tok = get_template("llama3"), toks["llama3"]
     assert tpl.encode_prompt(tok, "u") == tpl.encode(tok, "u", "o")[0]
     assert tpl.stop_ids(tok) == [tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id]
@@ -164,8 +183,16 @@ def test_template_refuses_a_tokenizer_without_its_special_tokens(toks):
         encode_dataset([{"instruction": "i", "output": "o"}], toks["mistral"], "llama3", 64)
 
 
+def test_every_family_has_its_auto_template():
+    from hfjax.models.families import FAMILIES, template_for
+
+    assert {m: template_for(m) for m in ("qwen3", "gemma2", "gemma3_text", "olmo2")} == {
+        "qwen3": "qwen", "gemma2": "gemma", "gemma3_text": "gemma", "olmo2": "olmo"}
+    assert {f.template for f in FAMILIES.values()} <= set(TEMPLATES)
+
+
 def test_get_template_unknown_lists_known():
-    with pytest.raises(ValueError, match="llama3, mistral, qwen"):
+    with pytest.raises(ValueError, match="gemma, llama3, mistral, olmo, qwen"):
         get_template("vicuna")
     assert get_template(TEMPLATES["qwen"]) is TEMPLATES["qwen"]
     with pytest.raises(ValueError, match="content"):

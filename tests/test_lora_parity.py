@@ -22,6 +22,10 @@ ADAPTERS = {
                            "alpha_pattern": {"q_proj": 3, "gate_proj": 32}}),
     "attn_only_layer1": ("qwen2", {"target_modules": ["q_proj", "v_proj"],
                                    "layers_to_transform": [1]}),
+    "qwen3_rslora": ("qwen3", {"use_rslora": True}),
+    "gemma2_rslora": ("gemma2", {"use_rslora": True}),
+    "gemma3_text_rslora": ("gemma3_text", {"use_rslora": True}),
+    "olmo2_rslora": ("olmo2", {"use_rslora": True}),
 }
 MODEL_KW = {"mistral": {"sliding_window": 4}}
 

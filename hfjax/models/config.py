@@ -7,6 +7,14 @@ Families are deltas of Llama (STYLE habit 1):
 | llama   | (core) optional q/k/v/o and MLP biases; Llama 3 rope scaling |
 | qwen2   | q/k/v biases; optional sliding window on some layers         |
 | mistral | sliding-window attention on every layer                      |
+| qwen3   | per-head RMSNorm on q and k before RoPE; qwen2's sliding layers  |
+| gemma2  | sqrt(D)-scaled embeddings; (1 + w) norms before and after attn  |
+|         | and MLP; tanh GeGLU; query_pre_attn_scalar; attention and final |
+|         | logit soft-capping; alternating sliding/global layers           |
+| gemma3_text | gemma2 without soft-capping, plus per-head q/k norms and a   |
+|         | separate RoPE base (and optional linear scaling) per layer type  |
+| olmo2   | norms after attention and MLP (not before); q/k RMSNorm over   |
+|         | the whole projection                                           |
 
 `from_hf` reads a Hugging Face `config.json` (through transformers' own config classes, so
 old-style `rope_theta`/`rope_scaling` fields are normalised the way transformers does) and
@@ -22,8 +30,9 @@ from typing import Any
 
 from hfjax.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")  # the rows of models/families.py
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text",
+                         "olmo2")  # the rows of models/families.py
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
 class ModelConfigError(UserError):
@@ -32,7 +41,7 @@ class ModelConfigError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    model_type: str  # "llama" | "qwen2" | "mistral"
+    model_type: str  # a row of SUPPORTED_MODEL_TYPES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -56,6 +65,28 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # --- deltas of the newer families; the defaults are the Llama core ---
+    # RMSNorm flavour: "llama" w * cast(x_hat); "f32" cast(w * x_hat) (OLMo 2);
+    # "gemma" cast((1 + w) * x_hat), the weight stored as an offset from 1 (Gemma 2/3).
+    norm_kind: str = "llama"
+    # Where a layer's norms sit: "pre" (before attn and MLP), "sandwich" (before and after
+    # both, Gemma), "post" (after both, on the branch output, OLMo 2).
+    layer_norms: str = "pre"
+    # RMSNorm on q and k: "" none, "head" per head before RoPE (Qwen3, Gemma 3), "full" over
+    # the whole q / k projection before the head split (OLMo 2).
+    qk_norm: str = ""
+    embed_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    mlp_act: str = "silu"  # gate activation: "silu" | "gelu_tanh" (Gemma's GeGLU)
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5).
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None  # tanh soft-capping of attention scores (Gemma 2)
+    final_softcap: float | None = None  # tanh soft-capping of the logits (Gemma 2)
+    # RoPE base of sliding-window layers when it differs from rope_theta (Gemma 3's local
+    # base); None = every layer uses rope_theta.
+    rope_local_theta: float | None = None
+    # Linear RoPE scaling factor (positions divided by it) of the full-attention layers
+    # (rope_type "linear"; Gemma 3 4B+); 1.0 = none.
+    rope_linear_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.sliding_windows:
@@ -81,20 +112,28 @@ class ModelConfig:
         hf = _as_hf_config(hf, source)
         where = source
         mt = getattr(hf, "model_type", None)
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ModelConfigError(
-                f"{where}: model_type {mt!r} is not supported (supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
+        _check_model_type(mt, where)
         _refuse_unsupported(hf, where)
         n_layers = hf.num_hidden_layers
         heads = hf.num_attention_heads
         kv = getattr(hf, "num_key_value_heads", None) or heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         rope = dict(getattr(hf, "rope_parameters", None) or {})
+        local_theta = None
+        if mt == "gemma3_text":  # transformers 5: one rope dict per layer type
+            local = dict(rope.get("sliding_attention") or {})
+            rope = dict(rope.get("full_attention") or {})
+            if local.get("rope_type", "default") != "default":
+                raise ModelConfigError(
+                    f"{where}: rope_parameters.sliding_attention.rope_type "
+                    f"{local['rope_type']!r} is not supported (only 'default')")
+            local_theta = float(local.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         theta = float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
         llama3 = None
+        linear = 1.0
+        if rope_type == "linear":
+            linear = float(rope["factor"])
         if rope_type == "llama3":
             keys = ("factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings")
@@ -114,15 +153,19 @@ class ModelConfig:
         if mt == "mistral":
             w = getattr(hf, "sliding_window", None)
             windows = (w,) * n_layers
-        elif mt == "qwen2":
+        elif mt in ("qwen2", "qwen3"):
             w = getattr(hf, "sliding_window", None)
             types = getattr(hf, "layer_types", None) or ["full_attention"] * n_layers
             use = getattr(hf, "use_sliding_window", False)
             windows = tuple(
                 w if (use and t == "sliding_attention" and w) else None for t in types
             )
+        elif mt in ("gemma2", "gemma3_text"):
+            w = getattr(hf, "sliding_window", None)
+            windows = tuple(w if t == "sliding_attention" else None for t in hf.layer_types)
         else:
             windows = (None,) * n_layers
+        deltas = _family_deltas(hf, mt)
         attention_bias = bool(getattr(hf, "attention_bias", False))
         return cls(
             model_type=mt,
@@ -145,18 +188,25 @@ class ModelConfig:
             bos_token_id=getattr(hf, "bos_token_id", None),
             eos_token_id=_eos(getattr(hf, "eos_token_id", None)),
             pad_token_id=getattr(hf, "pad_token_id", None),
+            rope_local_theta=local_theta,
+            rope_linear_factor=linear,
+            **deltas,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A `config.json` dict that transformers reads back into the same model."""
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_linear_factor != 1.0:
+            rope = {"rope_type": "linear", "rope_theta": self.rope_theta,
+                    "factor": self.rope_linear_factor}
         if self.rope_llama3 is not None:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dict(self.rope_llama3)}
             rope["original_max_position_embeddings"] = int(
                 rope["original_max_position_embeddings"]
             )
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "mistral": "MistralForCausalLM"}[self.model_type]
+        from hfjax.models.families import family
+
+        arch = family(self.model_type).architecture
         d: dict[str, Any] = {
             "architectures": [arch],
             "model_type": self.model_type,
@@ -167,7 +217,7 @@ class ModelConfig:
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": "silu" if self.mlp_act == "silu" else "gelu_pytorch_tanh",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": rope,
             "max_position_embeddings": self.max_position_embeddings,
@@ -183,20 +233,71 @@ class ModelConfig:
             d["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_windows[0] if self.sliding_windows else None
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             ws = [w for w in self.sliding_windows if w]
             d["use_sliding_window"] = bool(ws)
             d["sliding_window"] = ws[0] if ws else None
             d["layer_types"] = ["sliding_attention" if w else "full_attention"
                                 for w in self.sliding_windows]
             d["max_window_layers"] = self.num_hidden_layers
+        if self.model_type in ("gemma2", "gemma3_text"):
+            ws = [w for w in self.sliding_windows if w]
+            d.pop("hidden_act")
+            d["hidden_activation"] = "gelu_pytorch_tanh"
+            d["sliding_window"] = ws[0] if ws else None
+            d["layer_types"] = ["sliding_attention" if w else "full_attention"
+                                for w in self.sliding_windows]
+            qpas = self.query_pre_attn_scalar  # transformers types it as int
+            d["query_pre_attn_scalar"] = int(qpas) if qpas and float(qpas).is_integer() else qpas
+            d["attn_logit_softcapping"] = self.attn_softcap
+            d["final_logit_softcapping"] = self.final_softcap
+        if self.model_type == "gemma3_text":
+            d["rope_parameters"] = {
+                "full_attention": rope,
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": self.rope_local_theta or self.rope_theta}}
         return d
+
+
+# The math of each newer family, as ModelConfig fields (Llama's defaults elsewhere).
+_GEMMA = dict(norm_kind="gemma", layer_norms="sandwich", embed_scale=True, mlp_act="gelu_tanh")
+
+
+def _family_deltas(hf: Any, mt: str) -> dict[str, Any]:
+    if mt == "qwen3":
+        return {"qk_norm": "head"}
+    if mt == "olmo2":
+        return {"norm_kind": "f32", "layer_norms": "post", "qk_norm": "full"}
+    if mt == "gemma2":
+        return {**_GEMMA, "query_pre_attn_scalar": float(hf.query_pre_attn_scalar),
+                "attn_softcap": _opt_float(hf.attn_logit_softcapping),
+                "final_softcap": _opt_float(hf.final_logit_softcapping)}
+    if mt == "gemma3_text":
+        # transformers' Gemma 3 attention ignores attn_logit_softcapping; so do we.
+        return {**_GEMMA, "qk_norm": "head",
+                "query_pre_attn_scalar": float(hf.query_pre_attn_scalar),
+                "final_softcap": _opt_float(hf.final_logit_softcapping)}
+    return {}
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 def _eos(x: Any) -> int | tuple[int, ...] | None:
     if isinstance(x, list | tuple):
         return tuple(int(v) for v in x)
     return x
+
+
+def _check_model_type(mt: Any, where: str) -> None:
+    if mt in _REFUSED_MODEL_TYPES:
+        raise ModelConfigError(f"{where}: model_type {mt!r}: {_REFUSED_MODEL_TYPES[mt]}")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ModelConfigError(
+            f"{where}: model_type {mt!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
 
 
 def _as_hf_config(hf: Any, source: str) -> Any:
@@ -213,16 +314,22 @@ def _as_hf_config(hf: Any, source: str) -> Any:
             raise ModelConfigError(f"{cfg_file}: invalid JSON ({e.msg}, line {e.lineno})") from e
     if isinstance(hf, dict):
         mt = hf.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ModelConfigError(
-                f"{source}: model_type {mt!r} is not supported (supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
+        _check_model_type(mt, source)
         d = dict(hf)
         d.pop("model_type", None)
         hf = transformers.AutoConfig.for_model(mt, **d)
     return hf
 
+
+_NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "olmo2")
+# model_types of other wrappers / variants, refused with a pointer to what we run instead.
+_REFUSED_MODEL_TYPES = {
+    "gemma3": "Gemma3ForConditionalGeneration (the vision tower) is not supported; use a "
+              "text-only gemma3_text checkpoint (Gemma3ForCausalLM)",
+    "qwen3_moe": "Qwen3 MoE is not supported (dense qwen3 only)",
+    "qwen2_moe": "Qwen2 MoE is not supported (dense qwen2 only)",
+    "olmoe": "OLMoE is not supported (dense olmo2 only)",
+}
 
 # Attributes whose non-default values change the math and that we do not implement.
 _MUST_EQUAL: dict[str, Any] = {
@@ -243,7 +350,17 @@ def _refuse_unsupported(hf: Any, where: str) -> None:
     qc = getattr(hf, "quantization_config", None)
     if qc:
         raise ModelConfigError(f"{where}: quantization_config is not supported (dequantize first)")
-    if getattr(hf, "model_type", None) == "qwen2" and getattr(hf, "use_sliding_window", False):
+    mt = getattr(hf, "model_type", None)
+    if mt in _NEW_FAMILIES and getattr(hf, "attention_bias", False):
+        raise ModelConfigError(f"{where}: attention_bias=True is not supported for {mt}")
+    if mt in ("gemma2", "gemma3_text"):
+        act = getattr(hf, "hidden_activation", None)
+        if act != "gelu_pytorch_tanh":
+            raise ModelConfigError(f"{where}: hidden_activation={act!r} is not supported "
+                                   "(only 'gelu_pytorch_tanh')")
+        if getattr(hf, "use_bidirectional_attention", False):
+            raise ModelConfigError(f"{where}: use_bidirectional_attention is not supported")
+    if mt in ("qwen2", "qwen3") and getattr(hf, "use_sliding_window", False):
         types = getattr(hf, "layer_types", None)
         if not types:
             raise ModelConfigError(f"{where}: use_sliding_window without layer_types")

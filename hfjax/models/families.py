@@ -12,7 +12,7 @@ import dataclasses
 
 from hfjax.models.key_tables import ATTN_PROJECTIONS, MLP_PROJECTIONS
 
-__all__ = ["ALL_LINEAR", "FAMILIES", "Family", "family", "template_for"]
+__all__ = ["ALL_LINEAR", "FAMILIES", "Family", "family", "markdown_table", "template_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,15 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2", "Qwen2ForCausalLM", "qwen",
                "q/k/v biases; optional sliding window on some layers"),
         Family("mistral", "MistralForCausalLM", "mistral", "sliding-window attention"),
+        Family("qwen3", "Qwen3ForCausalLM", "qwen",
+               "per-head q/k RMSNorm before RoPE; no q/k/v bias; optional sliding layers"),
+        Family("gemma2", "Gemma2ForCausalLM", "gemma",
+               "scaled embeddings; (1 + w) norms around attention and MLP; tanh GeGLU; "
+               "attention and logit soft-capping; alternating sliding/global layers"),
+        Family("gemma3_text", "Gemma3ForCausalLM", "gemma",
+               "Gemma 2 without soft-capping; per-head q/k norms; local/global RoPE bases"),
+        Family("olmo2", "Olmo2ForCausalLM", "olmo",
+               "norms after attention and MLP (none before); q/k RMSNorm over the projection"),
     )
 }
 
@@ -53,3 +62,12 @@ def family(model_type: str) -> Family:
 def template_for(model_type: str) -> str:
     """The chat template "auto" means for ``model_type``."""
     return family(model_type).template
+
+
+def markdown_table() -> str:
+    """The README's "Supported models" table, one row per family (a test keeps them equal)."""
+    lines = ["| `model_type` | architecture | `auto` chat template | deltas from the Llama core |",
+             "|---|---|---|---|"]
+    lines += [f"| `{f.model_type}` | `{f.architecture}` | `{f.template}` | {f.deltas} |"
+              for f in FAMILIES.values()]
+    return "\n".join(lines)

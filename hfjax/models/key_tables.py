@@ -7,8 +7,13 @@ The same table drives loading (HF -> ours) and export (ours -> HF). Each row say
 
 Kernels are stored ``(d_in, d_out)`` (x @ kernel), so HF's ``(out, in)`` Linear weights get a
 transpose in both directions; everything else is copied as is. We keep HF's rotate-half RoPE
-layout, so q/k need no permutation. Family deltas only add rows (biases) or drop one
-(``lm_head`` when embeddings are tied).
+layout, so q/k need no permutation. Family deltas only add rows (biases, q/k norms, Gemma's
+and OLMo 2's norms after attention and MLP) or drop some (``lm_head`` when embeddings are
+tied; the pre-norms where OLMo 2 has none). Our norm names say where a norm sits, whatever HF
+calls it: ``input_norm`` before attention, ``post_norm`` before the MLP (HF's Llama
+``post_attention_layernorm``, Gemma's ``pre_feedforward_layernorm``), ``attn_out_norm`` /
+``mlp_out_norm`` on the attention / MLP output (Gemma's and OLMo 2's
+``post_attention_layernorm`` / ``post_feedforward_layernorm``).
 """
 
 from __future__ import annotations
@@ -58,10 +63,19 @@ MLP_PROJECTIONS: tuple[str, ...] = tuple(name for name, _, _ in _MLP)
 def key_table(cfg: ModelConfig) -> list[KeySpec]:
     """Every parameter of the model described by ``cfg``, in checkpoint order."""
     rows = [KeySpec(("embed",), "model.embed_tokens.weight", False, ("vocab", "embed"))]
+    # HF name of the norm before the MLP, and of the norms on the branch outputs.
+    pre_mlp = ("pre_feedforward_layernorm" if cfg.layer_norms == "sandwich"
+               else "post_attention_layernorm")
+    qk_axes = {"head": (("head_dim",), ("head_dim",)),
+               "full": (("q_heads",), ("kv_heads",))}.get(cfg.qk_norm)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        rows.append(KeySpec(("layers", i, "input_norm"), p + "input_layernorm.weight", False,
-                            ("norm",)))
+
+        def norm(ours: str, hf: str, i: int = i, p: str = p) -> None:
+            rows.append(KeySpec(("layers", i, ours), p + hf + ".weight", False, ("norm",)))
+
+        if cfg.layer_norms != "post":
+            norm("input_norm", "input_layernorm")
         for name, hf, axes in _ATTN:
             rows.append(KeySpec(("layers", i, "attn", name, "kernel"), p + hf + ".weight", True,
                                 axes))
@@ -69,14 +83,22 @@ def key_table(cfg: ModelConfig) -> list[KeySpec]:
             if has_bias:
                 rows.append(KeySpec(("layers", i, "attn", name, "bias"), p + hf + ".bias", False,
                                     (axes[1],)))
-        rows.append(KeySpec(("layers", i, "post_norm"), p + "post_attention_layernorm.weight",
-                            False, ("norm",)))
+        if qk_axes is not None:
+            for name, axes in zip(("q_norm", "k_norm"), qk_axes, strict=True):
+                rows.append(KeySpec(("layers", i, "attn", name), p + f"self_attn.{name}.weight",
+                                    False, axes))
+        if cfg.layer_norms != "pre":
+            norm("attn_out_norm", "post_attention_layernorm")
+        if cfg.layer_norms != "post":
+            norm("post_norm", pre_mlp)
         for name, hf, axes in _MLP:
             rows.append(KeySpec(("layers", i, "mlp", name, "kernel"), p + hf + ".weight", True,
                                 axes))
             if cfg.mlp_bias:
                 rows.append(KeySpec(("layers", i, "mlp", name, "bias"), p + hf + ".bias", False,
                                     (axes[1],)))
+        if cfg.layer_norms != "pre":
+            norm("mlp_out_norm", "post_feedforward_layernorm")
     rows.append(KeySpec(("final_norm",), "model.norm.weight", False, ("norm",)))
     if not cfg.tie_word_embeddings:
         rows.append(KeySpec(("lm_head",), "lm_head.weight", True, ("embed", "vocab")))
@@ -101,6 +123,7 @@ def _our_shape(spec: KeySpec, cfg: ModelConfig) -> tuple[int, ...]:
         "kv_heads": cfg.num_key_value_heads * cfg.head_dim,
         "mlp": cfg.intermediate_size,
         "norm": cfg.hidden_size,
+        "head_dim": cfg.head_dim,
     }
     return tuple(sizes[a] for a in spec.axes if a is not None)
 

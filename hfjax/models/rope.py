@@ -1,7 +1,10 @@
 """Rotary position embeddings in HF's rotate-half layout (no q/k permutation needed).
 
 ``inv_freq`` follows transformers' `_compute_default_rope_parameters` and, for Llama 3,
-`_compute_llama3_parameters` (low frequencies divided by ``factor``, a smooth ramp between).
+`_compute_llama3_parameters` (low frequencies divided by ``factor``, a smooth ramp between) and
+`_compute_linear_scaling_rope_parameters` (all divided by ``factor``). ``local=True`` gives the
+sliding-window layers' frequencies where the family has its own local base (Gemma 3: plain
+RoPE with ``rope_local_theta``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ import numpy as np
 from hfjax.models.config import ModelConfig
 
 
-def inv_freq(cfg: ModelConfig) -> np.ndarray:
+def inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
     dim = cfg.head_dim
-    freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta is not None else cfg.rope_theta
+    freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     freq = freq.astype(np.float32)
+    if local and cfg.rope_local_theta is not None:
+        return freq
+    if cfg.rope_linear_factor != 1.0:
+        freq = (freq / np.float32(cfg.rope_linear_factor)).astype(np.float32)
     if cfg.rope_llama3 is None:
         return freq
     p = dict(cfg.rope_llama3)
@@ -33,10 +41,10 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def cos_sin(positions: jax.Array, cfg: ModelConfig,
-            dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def cos_sin(positions: jax.Array, cfg: ModelConfig, dtype: jnp.dtype,
+            local: bool = False) -> tuple[jax.Array, jax.Array]:
     """cos/sin of shape (B, T, head_dim) for integer ``positions`` (B, T), computed in float32."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg, local))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 

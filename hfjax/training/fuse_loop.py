@@ -41,13 +41,12 @@ from hfjax.fusion import (
 )
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
+from hfjax.models.families import template_for
 from hfjax.models.key_tables import logical_axes_tree
 from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
 from hfjax.training.optim import total_steps
-
-FAMILY_TEMPLATE = {"llama": "llama3", "qwen2": "qwen", "mistral": "mistral"}
 
 
 class FuseRunError(RuntimeError):
@@ -86,7 +85,7 @@ def source_specs(cfg: Any) -> list[tuple[str, str]]:
 
 def resolve_template(cfg: Any, model_cfg: ModelConfig) -> str:
     t = cfg.target.template
-    return FAMILY_TEMPLATE[model_cfg.model_type] if t in ("", "auto", None) else t
+    return template_for(model_cfg.model_type) if t in ("", "auto", None) else t
 
 
 @dataclasses.dataclass

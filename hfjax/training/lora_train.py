@@ -62,13 +62,10 @@ from hfjax.config_io import is_number as _number
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import module_names
+from hfjax.models.families import template_for
 from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
-from hfjax.training.fuse_loop import (
-    FAMILY_TEMPLATE,
-    micro_batch_stream,
-    stack_window,
-)
+from hfjax.training.fuse_loop import micro_batch_stream, stack_window
 from hfjax.training.objective import lm_loss
 from hfjax.training.optim import adamw, cosine_with_warmup, total_steps
 from hfjax.training.templates import TEMPLATES as _TEMPLATE_REGISTRY
@@ -406,13 +403,8 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     run_dir = Path(cfg.output_dir) / cfg.task_name
     model_cfg = ModelConfig.from_hf(cfg.model_path, source=str(Path(cfg.model_path) /
                                                                "config.json"))
-    if cfg.template == "auto":
-        if model_cfg.model_type not in FAMILY_TEMPLATE:
-            raise ConfigError(f"template='auto': no template known for model_type "
-                              f"{model_cfg.model_type!r}; set template")
-        template = FAMILY_TEMPLATE[model_cfg.model_type]
-    else:
-        template = cfg.template
+    # from_hf accepted the model_type, so the family table has its row.
+    template = template_for(model_cfg.model_type) if cfg.template == "auto" else cfg.template
     tokenizer = load_tokenizer(cfg.model_path)
     replay = ReplaySet.load(list(cfg.datasets), cfg.data_root, tokenizer, template,
                             cfg.cutoff_len)

@@ -13,11 +13,20 @@ assistant turn:
             response {output}<|im_end|>
     mistral prompt   <s>[INST] {U} [/INST]
             response {output}</s>
+    gemma   prompt   <bos><start_of_turn>user\n{U}<end_of_turn>\n<start_of_turn>model\n
+            response {output}<eos>                          (Gemma 2 and Gemma 3)
+    olmo    prompt   <|endoftext|><|user|>\n{U}<|assistant|>\n  (the EOS id first; OLMo 2)
+            response {output}<|endoftext|>
+
+Qwen3 uses the qwen template. gemma and olmo close the response with the tokenizer's EOS, as
+LlamaFactory does for them (gemma: ``efficient_eos``, the EOS appended once after the
+response; olmo: the default ``{content}`` + EOS assistant turn); olmo's prompt starts with the
+EOS id (its ``format_prefix={"eos_token"}``), not a BOS.
 
 How the ids are made matters as much as the text, and follows LlamaFactory's
-``Template._encode``: the prompt is a list of *elements* (the BOS id; the system block; the user
-block) and the response is ``[output, END]``; every string element is tokenized on its own with
-``tokenizer.encode(text, add_special_tokens=False)`` (so special-token text such as
+``Template._encode``: the prompt is a list of *elements* (the BOS or EOS id; the system block;
+the user block) and the response is ``[output, END]``; every string element is tokenized on its
+own with ``tokenizer.encode(text, add_special_tokens=False)`` (so special-token text such as
 ``<|im_start|>`` becomes its single id, and SentencePiece tokenizers add their word-boundary
 prefix per element exactly as they do there), and BOS/END are appended as ids. An empty string
 element is skipped. The end token is looked up by its text (``<|eot_id|>``, ``<|im_end|>``) or is
@@ -44,6 +53,17 @@ from typing import Any, Protocol
 _CONTENT = "{content}"
 
 
+@dataclass(frozen=True)
+class SpecialId:
+    """A prompt element that is the tokenizer's BOS or EOS id, not text."""
+
+    which: str  # "bos" | "eos"
+
+
+BOS, EOS = SpecialId("bos"), SpecialId("eos")
+Element = str | SpecialId
+
+
 class Tokenizer(Protocol):
     """The part of a Hugging Face tokenizer the templates use."""
 
@@ -63,13 +83,15 @@ class ChatTemplate:
     """A single-turn chat format: prompt = [BOS] + system + user blocks; response = output + END.
 
     Attributes:
-        name: registry name (``"llama3"``, ``"qwen"``, ``"mistral"``).
+        name: registry name (``"llama3"``, ``"qwen"``, ``"mistral"``, ``"gemma"``, ``"olmo"``).
         user: the user block; ``{content}`` is replaced by the user message.
         system: the system block; ``{content}`` is replaced by ``default_system``. Only used
             when ``default_system`` is non-empty.
         default_system: the system prompt the original trained with ("" = none).
         bos: prepend the tokenizer's BOS id (LlamaFactory's ``format_prefix={"bos_token"}``);
             skipped, as there, when the tokenizer has no BOS.
+        eos_prefix: prepend the tokenizer's EOS id instead (``format_prefix={"eos_token"}``,
+            OLMo).
         end_token: text of the token closing the response; ``None`` = the tokenizer's EOS.
         special_tokens: token texts in the blocks that must be single tokens of the tokenizer
             (checked by :meth:`check_tokenizer`, so a template/tokenizer mix-up fails loudly).
@@ -80,6 +102,7 @@ class ChatTemplate:
     system: str = ""
     default_system: str = ""
     bos: bool = False
+    eos_prefix: bool = False
     end_token: str | None = None
     special_tokens: tuple[str, ...] = ()
 
@@ -90,9 +113,9 @@ class ChatTemplate:
             raise ValueError(f"template {self.name!r}: system block needs exactly one {_CONTENT}")
 
     # -- text ----------------------------------------------------------------------------
-    def prompt_elements(self, user: str) -> list[str | None]:
-        """The prompt's elements in order; ``None`` stands for the BOS id."""
-        elements: list[str | None] = [None] if self.bos else []
+    def prompt_elements(self, user: str) -> list[Element]:
+        """The prompt's elements in order; `BOS` / `EOS` stand for those ids."""
+        elements: list[Element] = [BOS] if self.bos else [EOS] if self.eos_prefix else []
         if self.default_system:
             elements.append(self.system.replace(_CONTENT, self.default_system))
         elements.append(self.user.replace(_CONTENT, user))
@@ -100,8 +123,8 @@ class ChatTemplate:
 
     def render(self, tokenizer: Tokenizer, user: str, response: str) -> tuple[str, str]:
         """The prompt and response as text (BOS/END spelled with the tokenizer's token text)."""
-        bos_text = (tokenizer.bos_token or "") if tokenizer.bos_token_id is not None else ""
-        prompt = "".join(bos_text if e is None else e for e in self.prompt_elements(user))
+        prompt = "".join(e if isinstance(e, str) else _special_text(tokenizer, e)
+                         for e in self.prompt_elements(user))
         end_text = self.end_token if self.end_token is not None else tokenizer.eos_token
         if end_text is None:
             raise ValueError(f"template {self.name!r}: the tokenizer has no EOS token")
@@ -126,9 +149,10 @@ class ChatTemplate:
         """``(prompt_ids, response_ids)`` as LlamaFactory's ``encode_oneturn`` builds them."""
         prompt_ids: list[int] = []
         for element in self.prompt_elements(user):
-            if element is None:
-                if tokenizer.bos_token_id is not None:
-                    prompt_ids.append(int(tokenizer.bos_token_id))
+            if isinstance(element, SpecialId):
+                sid = _special_id(tokenizer, element)
+                if sid is not None:
+                    prompt_ids.append(sid)
             elif element:
                 prompt_ids.extend(tokenizer.encode(element, add_special_tokens=False))
         response_ids = []
@@ -147,6 +171,18 @@ class ChatTemplate:
         if tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) not in ids:
             ids.append(int(tokenizer.eos_token_id))
         return ids
+
+
+def _special_id(tokenizer: Tokenizer, e: SpecialId) -> int | None:
+    """The BOS / EOS id, or None (skipped, as LlamaFactory does) when the tokenizer lacks it."""
+    sid = tokenizer.bos_token_id if e.which == "bos" else tokenizer.eos_token_id
+    return None if sid is None else int(sid)
+
+
+def _special_text(tokenizer: Tokenizer, e: SpecialId) -> str:
+    if _special_id(tokenizer, e) is None:
+        return ""
+    return (tokenizer.bos_token if e.which == "bos" else tokenizer.eos_token) or ""
 
 
 def _single_id(tokenizer: Tokenizer, token: str, template: str) -> int:
@@ -187,6 +223,19 @@ TEMPLATES: dict[str, ChatTemplate] = {
         name="mistral",
         user="[INST] {content} [/INST]",
         bos=True,
+        end_token=None,
+    ),
+    "gemma": ChatTemplate(
+        name="gemma",
+        user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+        bos=True,
+        end_token=None,
+        special_tokens=("<start_of_turn>", "<end_of_turn>"),
+    ),
+    "olmo": ChatTemplate(
+        name="olmo",
+        user="<|user|>\n{content}<|assistant|>\n",
+        eos_prefix=True,
         end_token=None,
     ),
 }
