@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from functools import partial
 from pathlib import Path
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from zoo_fixtures import build_zoo, tiny_fuse_config
+from zoo_fixtures import SMALL, build_zoo, tiny_fuse_config
 
 from hfjax.atomic import write_json_atomic
 from hfjax.errors import RunDiverged, UserError
@@ -186,6 +187,35 @@ def test_atomic_json_replaces_and_leaves_no_temp(tmp_path):
     write_json_atomic(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_pretrain_runs_through_the_loop(tmp_path):
+    import optax
+
+    from hfjax.demo import pretrain as pt
+    from hfjax.demo import tasks
+    from hfjax.demo.tokenizer import train_tokenizer
+    from hfjax.demo.zoo import model_config
+    from hfjax.loading import init_params
+
+    corpus = tasks.pretraining_corpus(60, seed=0)
+    tok = train_tokenizer(corpus, "llama", 320, tmp_path / "tok")
+    cfg = model_config(SMALL["llama"], tok)
+    pcfg = pt.PretrainConfig(steps=4, batch_size=2, seq_len=16, lr=1e-2)
+    tokens = pt.pack_corpus(corpus, tok, pcfg.seq_len)
+    params, losses = pt.pretrain(cfg, init_params(cfg, jax.random.PRNGKey(0)), tokens, pcfg,
+                                 progress=False)
+    # The same steps by hand, syncing every step.
+    opt = optax.adamw(pt.wsd_schedule(pcfg.lr, pcfg.steps, pcfg.warmup_ratio,
+                                      pcfg.decay_ratio), weight_decay=pcfg.weight_decay)
+    p = init_params(cfg, jax.random.PRNGKey(0))
+    o = opt.init(p)
+    want = []
+    for rows_ in itertools.islice(pt._batches(tokens.shape[0], 2, pcfg.seed), pcfg.steps):
+        p, o, loss = pt._step(p, o, jnp.asarray(tokens[rows_]), cfg=cfg, optimizer=opt)
+        want.append(float(loss))
+    assert losses == want and all(np.isfinite(losses))
+    np.testing.assert_array_equal(jax.tree.leaves(params)[0], jax.tree.leaves(p)[0])
 
 
 # ----------------------------------------------------------------------------- fuse
