@@ -78,6 +78,8 @@ def test_resume_trims_metrics_and_matches_a_full_run(tmp_path):
         run_loop(crashing(6), fresh(), toy_batches, settings(checkpoint_every=3), out,
                  IDENTITY, progress=False)
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4] and saved_steps(out) == [3]
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a row torn by the crash
     res = run_loop(toy_step, fresh(), toy_batches, settings(checkpoint_every=3), out,
                    IDENTITY, progress=False)
     assert res.start_step == 3 and res.finished

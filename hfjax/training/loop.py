@@ -145,14 +145,21 @@ def default_row(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def trim_metrics(path: Path, keep_through: int) -> None:
-    """Drop ``metrics.jsonl`` rows past step ``keep_through`` (the file goes at 0)."""
+    """Drop ``metrics.jsonl`` rows past step ``keep_through`` and any torn line (the file
+    goes at 0)."""
     if not path.exists():
         return
     if keep_through == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= keep_through]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= keep_through:
+            kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
