@@ -4,7 +4,8 @@
   CLI: one line, exit 2.
 - `EnvironmentFailure`: the machine, not the input (disk full, permission, lock held).
   CLI: one line, exit 3.
-- `RunDiverged`: the run itself stopped on a non-finite loss; the message names the last
+- `RunDiverged`: the run itself stopped on a non-finite loss, or on non-finite parameters
+  before a checkpoint (`hfjax.training.loop` never saves them); the message names the last
   good checkpoint. CLI: one line, exit 4.
 - anything else is a bug. CLI: the traceback and a line asking to report it, exit 1.
 

@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hfjax.atomic import write_json_atomic
 from hfjax.demo.pretrain import PretrainConfig
 from hfjax.demo.zoo import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
 
@@ -184,9 +185,7 @@ def peak_rss_mb() -> float:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1, default=str)
 
 
 def _read_json(path: Path) -> Any:

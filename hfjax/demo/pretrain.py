@@ -15,17 +15,16 @@ eos id; the documents are concatenated and cut into fixed-length rows (the tail 
 so every step has the same shape and the step function compiles once. Batches are drawn
 from a per-epoch permutation of the rows (``numpy`` PCG64 seeded by ``(seed, epoch)``).
 
-The optimiser is optax AdamW with a warmup-stable-decay schedule, all parameters trained,
-float32, loss = mean token cross-entropy over every position
-(`hfjax.training.objective.token_nll`).
+The steps run through the shared loop (`hfjax.training.loop`: one step in flight, a
+non-finite loss stops the run) with no output directory. The optimiser is optax AdamW with a
+warmup-stable-decay schedule, all parameters trained, float32, loss = mean token
+cross-entropy over every position (`hfjax.training.objective.token_nll`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any
 
@@ -36,6 +35,7 @@ import optax
 
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import forward
+from hfjax.training.loop import LoopSettings, run_loop
 from hfjax.training.objective import token_nll
 
 __all__ = ["PretrainConfig", "pack_corpus", "pretrain"]
@@ -137,9 +137,10 @@ def pretrain(cfg: ModelConfig, params: Any, tokens: np.ndarray, pcfg: PretrainCo
 
     Returns:
         The trained parameters and the loss of every step.
-    """
-    from tqdm.auto import tqdm
 
+    Raises:
+        RunDiverged: a non-finite loss, or non-finite parameters at the end.
+    """
     if tokens.ndim != 2 or tokens.shape[1] != pcfg.seq_len:
         raise ValueError(f"tokens must be (n, {pcfg.seq_len}), got {tokens.shape}")
     if tokens.shape[0] < pcfg.batch_size:
@@ -147,25 +148,16 @@ def pretrain(cfg: ModelConfig, params: Any, tokens: np.ndarray, pcfg: PretrainCo
     optimizer = optax.adamw(wsd_schedule(pcfg.lr, pcfg.steps, pcfg.warmup_ratio,
                                          pcfg.decay_ratio), weight_decay=pcfg.weight_decay)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    opt_state = optimizer.init(params)
-    losses: list[float] = []
-    batches = _batches(tokens.shape[0], pcfg.batch_size, pcfg.seed)
-    t0 = time.time()
-    with tqdm(total=pcfg.steps, desc=desc, unit="step", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
-        pending: jax.Array | None = None
-        for _ in range(pcfg.steps):
-            ids = jnp.asarray(tokens[next(batches)])
-            params, opt_state, loss = _step(params, opt_state, ids, cfg=cfg,
-                                            optimizer=optimizer)
-            if pending is not None:  # read the previous loss: keeps one step in flight
-                losses.append(float(pending))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            pending = loss
-            bar.update(1)
-        if pending is not None:
-            losses.append(float(pending))
-    if not np.isfinite(losses[-1]):
-        raise RuntimeError(f"{desc}: non-finite pretraining loss {losses[-1]} after "
-                           f"{pcfg.steps} steps ({time.time() - t0:.0f}s)")
-    return params, losses
+
+    def step_fn(state: tuple[Any, Any], ids: jax.Array) -> tuple[tuple[Any, Any], dict]:
+        new_params, opt_state, loss = _step(*state, ids, cfg=cfg, optimizer=optimizer)
+        return (new_params, opt_state), {"loss": loss}
+
+    def batches(start: int) -> Iterator[jax.Array]:
+        return (jnp.asarray(tokens[rows])
+                for rows in _batches(tokens.shape[0], pcfg.batch_size, pcfg.seed))
+
+    res = run_loop(step_fn, (params, optimizer.init(params)), batches,
+                   LoopSettings(total_steps=pcfg.steps, desc=desc), None,
+                   trained=lambda state: state[0], progress=progress)
+    return res.state[0], res.losses

@@ -20,15 +20,15 @@ Public API: :data:`TASKS`, :func:`make_task`, :func:`make_splits`, :func:`write_
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hfjax.atomic import write_json_atomic
 
 __all__ = [
     "SPLITS",
@@ -570,22 +570,6 @@ def make_splits(
     return {k: splits[k] for k in SPLITS}
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_task_files(
     out_dir: str | os.PathLike[str],
     splits_by_task: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
@@ -607,9 +591,10 @@ def write_task_files(
         for split, records in splits.items():
             ds_name = f"{task}_{split}"
             file_name = f"{ds_name}.json"
-            _atomic_write_json(out / file_name, [dict(r) for r in records])
+            write_json_atomic(out / file_name, [dict(r) for r in records], indent=1,
+                              ensure_ascii=False)
             info[ds_name] = {"file_name": file_name}
-    _atomic_write_json(out / "dataset_info.json", info)
+    write_json_atomic(out / "dataset_info.json", info, indent=1, ensure_ascii=False)
     return info
 
 

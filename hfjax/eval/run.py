@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from bridge import load_adapter
+from hfjax.atomic import write_json_atomic, write_text_atomic
 from hfjax.eval.generation import generate_answers
 from hfjax.eval.metrics import EMPTY_ANSWERS, classification_scores, strip_generation, uie_scores
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
@@ -50,12 +50,6 @@ def infer_task(references: list[str]) -> str:
     if all(lab.lower() in EMPTY_ANSWERS for lab in labels):
         return "uie"
     return "classification"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate(model_path: str | Path, data_file: str | Path, *,
@@ -136,8 +130,8 @@ def evaluate(model_path: str | Path, data_file: str | Path, *,
             row = {"instruction": rec["instruction"]} if rec.get("instruction") else {}
             row.update(input=rec.get("input", ""), reference=rec["output"], prediction=pred)
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-        _write_atomic(out / "predictions.jsonl", "".join(lines))
-        _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(out / "predictions.jsonl", "".join(lines))
+        write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 

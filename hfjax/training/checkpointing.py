@@ -43,6 +43,18 @@ class Checkpointer:
         restored = jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(out["state"]))
         return restored, dict(out["meta"] or {})
 
+    def steps(self) -> list[int]:
+        """The steps that have a committed checkpoint, ascending."""
+        return sorted(self._mngr.all_steps())
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of ``step`` (default: latest) without restoring its state."""
+        step = self._mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to read")
+        out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
+
     def wait(self) -> None:
         self._mngr.wait_until_finished()
 

@@ -5,21 +5,18 @@ Stages (each fails early with one clear line)::
     adapters -> plan (topology)  -> block contexts      (hfjax.fusion)
     tokenizer + replay JSON      -> padded micro-batches (hfjax.training.data)
     base model (frozen, bf16 ok) -> jitted fuse_step     (hfjax.training.fuse_step)
-    orbax checkpoints every N steps, resume from the latest
+    the loop (hfjax.training.loop): resume, checkpoints, metrics.jsonl, finite checks
     export: <output_dir>/<task_name>/merged_lora/ + fusion_report.json + metrics.jsonl
 
-The micro-batch stream is the concatenation of the epochs' shuffled orders; optimizer step
-``s`` consumes micro-batches ``[s·accum, (s+1)·accum)``, so a resumed run re-enters the stream
-exactly where the checkpoint left it (``T = (n_batches · epochs) // accum`` as the original).
+The micro-batch stream is the concatenation of the epochs' shuffled orders
+(`hfjax.training.windows`); optimizer step ``s`` consumes micro-batches
+``[s·accum, (s+1)·accum)``, so a resumed run re-enters the stream exactly where the
+checkpoint left it (``T = (n_batches · epochs) // accum`` as the original).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +29,8 @@ from flax import linen as nn
 
 from bridge import LoraAdapter, load_adapter, save_adapter
 from hfjax import sharding as shd
+from hfjax.atomic import write_json_atomic
+from hfjax.errors import RunDiverged
 from hfjax.fusion import (
     FusionPlan,
     build_contexts,
@@ -43,14 +42,19 @@ from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.families import template_for
 from hfjax.models.key_tables import logical_axes_tree
-from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
+from hfjax.training.loop import LoopSettings, run_loop
 from hfjax.training.optim import total_steps
+from hfjax.training.windows import (  # noqa: F401 - stack_window: re-exported
+    Window,
+    micro_batch_stream,
+    pad_id_of,
+    stack_window,
+    windows,
+)
 
-
-class FuseRunError(RuntimeError):
-    """A run that had to stop (e.g. a non-finite loss); the last good checkpoint is kept."""
+FuseRunError = RunDiverged  # the old name: a non-finite loss or non-finite parameters
 
 
 @dataclasses.dataclass
@@ -126,40 +130,6 @@ def prepare(cfg: Any) -> Inputs:
     return Inputs(target, sources, names, plan, contexts, model_cfg, replay, tokenizer, template)
 
 
-# ----------------------------------------------------------------------------- batches
-def micro_batch_stream(replay: ReplaySet, *, batch_size: int, epochs: int, seed: int,
-                       buckets: Sequence[int], pad_id: int, start: int = 0
-                       ) -> Iterator[dict[str, np.ndarray]]:
-    """All epochs' micro-batches in order, from global micro-batch index ``start``."""
-    from hfjax.training.data import iterate_batches
-
-    per_epoch = num_batches(len(replay.examples), batch_size)
-    epoch, first = divmod(start, per_epoch)
-    for e in range(epoch, epochs):
-        yield from iterate_batches(replay.examples, batch_size=batch_size, epoch=e, seed=seed,
-                                   buckets=buckets, pad_id=pad_id, start=first)
-        first = 0
-
-
-def stack_window(window: list[dict[str, np.ndarray]], accum: int, batch_size: int,
-                 pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pad a window's micro-batches to one length and batch size, stack to (accum, B, L).
-
-    Filler micro-batches (when the window is short) get weight 0 and no supervised tokens.
-    """
-    length = max(b["input_ids"].shape[1] for b in window)
-    out = {"input_ids": np.full((accum, batch_size, length), pad_id, np.int32),
-           "attention_mask": np.zeros((accum, batch_size, length), np.int32),
-           "labels": np.full((accum, batch_size, length), -100, np.int32)}
-    for i, b in enumerate(window):
-        n, t = b["input_ids"].shape
-        for k in out:
-            out[k][i, :n, :t] = b[k]
-    weights = np.zeros(accum, np.float32)
-    weights[: len(window)] = 1.0
-    return out, weights
-
-
 # ----------------------------------------------------------------------------- reporting
 def dry_run_text(cfg: Any, inp: Inputs) -> str:
     from hfjax.fusion import net_param_count
@@ -218,12 +188,6 @@ def attention_by_source(plan: FusionPlan, sources: Sequence[LoraAdapter],
     return out
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the run
 def statics_from(cfg: Any, plan: FusionPlan, model_cfg: ModelConfig,
                  steps: int = 1) -> FuseStatics:
@@ -241,11 +205,14 @@ def statics_from(cfg: Any, plan: FusionPlan, model_cfg: ModelConfig,
 
 
 def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
-               stop_after: int | None = None, base_params: Any = None) -> FusionResult:
+               stop_after: int | None = None, base_params: Any = None,
+               restart: bool = False) -> FusionResult:
     """Run (or plan, with ``dry_run``) one fusion job described by ``cfg``.
 
     ``stop_after``: stop after this many optimizer steps in this call (checkpointed, no export):
-    used to test interruption and resume. ``base_params``: already-placed base parameters
+    used to test interruption and resume. ``restart``: delete the output directory's
+    checkpoints and metrics and start from step 0 (a mismatched checkpoint is refused
+    otherwise). ``base_params``: already-placed base parameters
     (e.g. sharded over a mesh by the caller); loaded from ``cfg.target.model_path`` otherwise.
     """
     shd.maybe_initialize_distributed()  # multi-host: a no-op unless the environment asks
@@ -292,87 +259,44 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
                                "step": jnp.zeros((), jnp.int32)},
                     out_shardings=state_sh)(shd.put_tree(params, param_sh))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpointing.Checkpointer(out_dir / "checkpoints", keep=tr.keep_checkpoints)
-    meta = {"task_name": cfg.task_name, "steps": steps, "seed": cfg.seed}
-    history: list[dict[str, Any]] = []
-    if ckpt.latest_step() is not None:
-        state, saved_meta = ckpt.restore(state)
-        if saved_meta.get("steps") != steps:
-            raise ValueError(f"{ckpt.directory}: checkpoint was made for {saved_meta.get('steps')}"
-                             f" total steps, this config gives {steps}; use another output_dir")
-    start_step = int(state["step"])
-    metrics_file = out_dir / "metrics.jsonl"
-    if start_step == 0 and metrics_file.exists():
-        metrics_file.unlink()
-
-    pad_id = inp.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = inp.tokenizer.eos_token_id or 0
+    # Settings read at one place (the lead reconciles this with the typed job configs).
+    settings = LoopSettings(total_steps=steps, log_every=tr.log_every,
+                            checkpoint_every=tr.checkpoint_every,
+                            keep_checkpoints=tr.keep_checkpoints, stop_after=stop_after,
+                            restart=restart, desc=f"fuse {cfg.task_name}")
+    identity = {"task_name": cfg.task_name, "steps": steps, "seed": cfg.seed}
+    pad_id = pad_id_of(inp.tokenizer)
     buckets = length_buckets(cfg.data.cutoff_len, cfg.data.min_bucket)
-    stream = micro_batch_stream(inp.replay, batch_size=tr.batch_size, epochs=tr.epochs,
-                                seed=cfg.seed, buckets=buckets, pad_id=pad_id,
-                                start=start_step * tr.grad_accum)
+    batch_sh, rep_sh = shd.batch_sharding(mesh, rules), shd.replicated(mesh)
+
+    def batches(start: int) -> Iterator[Window]:
+        stream = micro_batch_stream(inp.replay, batch_size=tr.batch_size, epochs=tr.epochs,
+                                    seed=cfg.seed, buckets=buckets, pad_id=pad_id,
+                                    start=start * tr.grad_accum)
+        for w in windows(stream, accum=tr.grad_accum, batch_size=tr.batch_size,
+                         pad_id=pad_id):
+            yield Window(shd.put_tree(w.batch, batch_sh), shd.put(w.weights, rep_sh),
+                         w.tokens)
+
+    def step_fn(state: Any, w: Window) -> tuple[Any, Any]:
+        with shd.mesh_context(mesh, rules):
+            return fuse_step(state, frozen, w.batch, w.weights, rdm_key, st=st)
+
     compiles_before = _compiles()
-    bar = _progress(total=steps, initial=start_step, enabled=progress, desc=cfg.task_name)
-    tokens_seen = 0
-    t_train = time.time()
-    step = start_step
-    try:
-        with metrics_file.open("a") as mf:
-            while step < steps:
-                window = [b for _, b in zip(range(tr.grad_accum), stream, strict=False)]
-                if not window:
-                    break
-                batch, weights = stack_window(window, tr.grad_accum, tr.batch_size, pad_id)
-                batch = shd.put_tree(batch, shd.batch_sharding(mesh, rules))
-                weights = shd.put(weights, shd.replicated(mesh))
-                prev = state
-                with shd.mesh_context(mesh, rules):
-                    state, m = fuse_step(state, frozen, batch, weights, rdm_key, st=st)
-                m = jax.device_get(m)
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise FuseRunError(
-                        f"non-finite loss {loss} at step {step + 1} (lm {float(m['lm_loss'])}, "
-                        f"rdm {float(m['rdm'])}); stopped, the last good checkpoint "
-                        f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}")
-                del prev
-                step += 1
-                tokens_seen += int(sum(int(b["attention_mask"].sum()) for b in window))
-                rec = {"step": step, "loss": loss, "lm_loss": float(m["lm_loss"]),
-                       "rdm": float(m["rdm"]), "grad_norm": float(m["grad_norm"]),
-                       "alpha": {k: float(v) for k, v in m["alpha"].items()},
-                       "time": round(time.time() - t0, 3)}
-                history.append(rec)
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lm=f"{rec['lm_loss']:.4f}",
-                                rdm=f"{rec['rdm']:.3f}",
-                                alpha=",".join(f"{v:.3f}" for v in rec["alpha"].values()))
-                if step % tr.checkpoint_every == 0 or step == steps:
-                    ckpt.save(step, state, meta)
-                if stop_after is not None and step - start_step >= stop_after:
-                    ckpt.save(step, state, meta)
-                    ckpt.wait()
-                    return FusionResult(out_dir, None, {}, step,
-                                        _compiles() - compiles_before, history)
-    finally:
-        bar.close()
-        ckpt.wait()
-    train_time = time.time() - t_train
+    res = run_loop(step_fn, state, batches, settings, out_dir, identity,
+                   on_metrics=_fuse_row, progress=progress)
+    state = res.state
+    if stop_after is not None and res.step - res.start_step >= stop_after:
+        return FusionResult(out_dir, None, {}, res.step, _compiles() - compiles_before,
+                            res.history)
 
     adapter_dir, report = export(cfg, inp, state["params"], frozen, st, out_dir)
     save_networks(state["params"], out_dir)
     report["run"] = {"steps": steps, "compilations": _compiles() - compiles_before,
-                     "train_seconds": round(train_time, 3),
-                     "steps_this_call": step - start_step,
-                     "tokens_this_call": tokens_seen,
-                     "tokens_per_second": round(tokens_seen / max(train_time, 1e-9), 2),
-                     "resumed_from_step": start_step, "wall_seconds": round(time.time() - t0, 3)}
-    _write_json_atomic(out_dir / "fusion_report.json", report)
-    return FusionResult(out_dir, adapter_dir, report, steps, _compiles() - compiles_before, history)
+                     **res.timings(), "wall_seconds": round(time.time() - t0, 3)}
+    write_json_atomic(out_dir / "fusion_report.json", report, default=float)
+    return FusionResult(out_dir, adapter_dir, report, steps, _compiles() - compiles_before,
+                        res.history)
 
 
 NETS_DIR = "transfer_nets"
@@ -411,19 +335,19 @@ def reuse_networks(params: Any, earlier_dir: Path) -> Any:
     return {**params, "nets": nets}
 
 
+def _fuse_row(step: int, m: Mapping[str, Any]) -> dict[str, Any]:
+    """One metrics row: the losses, the gradient norm and every α."""
+    return {"loss": float(m["loss"]), "lm_loss": float(m["lm_loss"]), "rdm": float(m["rdm"]),
+            "grad_norm": float(m["grad_norm"]),
+            "alpha": {k: float(v) for k, v in m["alpha"].items()}}
+
+
 def _compiles() -> int:
     """Compiled variants of the fuse step so far in this process."""
     try:
         return int(fuse_step._cache_size())
     except AttributeError:  # pragma: no cover - private API
         return -1
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=f"fuse {desc}",
-                unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 _run_networks_jit = jax.jit(run_networks, static_argnums=2)

@@ -18,10 +18,11 @@ key is ``fold_in(PRNGKey(seed), its index)`` in ``module_names`` order.
 One jitted step = one optimizer update over ``grad_accum`` micro-batches stacked to
 ``(accum, B, L)`` and summed with a `lax.scan` (the loss is the mean of the micro-batches'
 mean token losses, as the fuse step); ``L`` is a length bucket, so the step compiles once
-per bucket. The micro-batch stream, checkpoint/resume and the schedule (AdamW, linear warmup
-over ``int(warmup_ratio · T)`` steps, cosine, ``T = (n_batches · epochs) // accum``) are the
-fuse loop's (`hfjax.training.fuse_loop`), so a resumed run re-enters the data exactly where
-its checkpoint left it and finishes with the same adapter.
+per bucket. The micro-batch stream (`hfjax.training.windows`), the loop with its
+checkpoint/resume (`hfjax.training.loop`) and the schedule (AdamW, linear warmup over
+``int(warmup_ratio · T)`` steps, cosine, ``T = (n_batches · epochs) // accum``) are the fuse
+job's, so a resumed run re-enters the data exactly where its checkpoint left it and finishes
+with the same adapter.
 
 Outputs under ``<output_dir>/<task_name>/``: ``adapter/`` (PEFT: ``adapter_config.json`` +
 ``adapter_model.safetensors``, float32), ``checkpoints/`` (orbax), ``metrics.jsonl`` and
@@ -35,9 +36,8 @@ import functools
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ import yaml
 
 from bridge import LoraAdapter, LoraModule, make_adapter_config, module_rank_scale, save_adapter
 from configs import train_lora as _schema_module
+from hfjax.atomic import write_json_atomic
 from hfjax.config_io import (
     ConfigError,
     apply_overrides,
@@ -59,16 +60,17 @@ from hfjax.config_io import (
     import_get_config,
 )
 from hfjax.config_io import is_number as _number
+from hfjax.errors import RunDiverged
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import module_names
 from hfjax.models.families import template_for
-from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
-from hfjax.training.fuse_loop import micro_batch_stream, stack_window
+from hfjax.training.loop import LoopSettings, run_loop
 from hfjax.training.objective import lm_loss
 from hfjax.training.optim import adamw, cosine_with_warmup, total_steps
 from hfjax.training.templates import TEMPLATES as _TEMPLATE_REGISTRY
+from hfjax.training.windows import Window, micro_batch_stream, pad_id_of, windows
 
 ConfigDict = ml_collections.ConfigDict
 LoraParams = dict[str, dict[str, jax.Array]]
@@ -80,8 +82,7 @@ ADAPTER_SUBDIR = "adapter"
 _PATH_FIELDS = ("model_path", "data_root", "output_dir")
 
 
-class TrainRunError(RuntimeError):
-    """A run that had to stop (a non-finite loss); the last good checkpoint is kept."""
+TrainRunError = RunDiverged  # the old name: a non-finite loss or non-finite parameters
 
 
 # ----------------------------------------------------------------------------- config
@@ -342,43 +343,6 @@ def _train_step_for(model_cfg: ModelConfig, remat: bool, lr: float, steps: int,
 
 
 # ----------------------------------------------------------------------------- the run
-def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=f"train-lora {desc}",
-                unit="step", file=sys.stderr, dynamic_ncols=True)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-def _trim_metrics(path: Path, keep_through: int) -> None:
-    """Drop metrics lines past the restored step (written after the last checkpoint)."""
-    if not path.exists():
-        return
-    if keep_through == 0:
-        path.unlink()
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= keep_through]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def _peek_meta(step_dir: Path) -> dict[str, Any]:
-    """A checkpoint's JSON metadata read straight from orbax's layout ({} if not readable),
-    to refuse a mismatched checkpoint before orbax tries to restore it."""
-    try:
-        meta = json.loads((step_dir / "meta" / "metadata").read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def _compiles(step_fn: Any) -> int:
     try:
         return int(step_fn._cache_size())
@@ -386,17 +350,21 @@ def _compiles(step_fn: Any) -> int:
         return -1
 
 
-def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None = None) -> Path:
+def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None = None,
+               restart: bool = False) -> Path:
     """Train the LoRA expert ``cfg`` describes; return its exported PEFT adapter directory.
 
     Resumes from the latest checkpoint in ``<output_dir>/<task_name>/checkpoints`` when there
-    is one (made for the same number of total steps). ``stop_after``: stop after this many
-    optimizer steps in this call, checkpointed and not exported (to test interruption); the
-    run directory ``<output_dir>/<task_name>`` is returned then instead.
+    is one (made for the same steps, seed, modules and rank; refused otherwise unless
+    ``restart``, which deletes the old checkpoints and metrics first). ``stop_after``: stop
+    after this many optimizer steps in this call, checkpointed and not exported (to test
+    interruption); the run directory ``<output_dir>/<task_name>`` is returned then instead.
 
     Raises:
         ConfigError / DataError / AdapterError (``ValueError``s): bad input, before training.
-        TrainRunError: a non-finite loss (the last good checkpoint is kept).
+        ResumeRefused (a ``ConfigError``): the checkpoint belongs to another run.
+        RunDiverged: a non-finite loss or non-finite parameters (the last good checkpoint
+            is kept).
     """
     validate_train_config(cfg)
     t0 = time.time()
@@ -417,7 +385,8 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
     step_fn, optimizer = _train_step_for(model_cfg, bool(tr.remat), float(tr.lr), steps,
                                          float(tr.warmup_ratio), float(tr.weight_decay))
-    schedule = cosine_with_warmup(tr.lr, steps, tr.warmup_ratio)
+    # Every step's lr, on the host once: reading it per step would wait on the device.
+    lrs = np.asarray(cosine_with_warmup(tr.lr, steps, tr.warmup_ratio)(jnp.arange(steps)))
     base = from_pretrained(cfg.model_path, dtype=resolve_dtype(tr.base_dtype)).params
     frozen = {"base": base, "scale": scales}
     params = init_lora(model_cfg, r=cfg.lora.r, target_modules=cfg.lora.target_modules,
@@ -429,100 +398,44 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     # so a fresh and a resumed run (in one process) share one compile.
     state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpointing.Checkpointer(run_dir / "checkpoints", keep=tr.keep_checkpoints)
-    meta = {"task_name": cfg.task_name, "steps": steps, "seed": cfg.seed,
-            "modules": len(names), "r": cfg.lora.r}
-    if ckpt.latest_step() is not None:
-        saved = _peek_meta(ckpt.directory / str(ckpt.latest_step()))
-        for key in ("steps", "modules", "r"):
-            if key in saved and saved[key] != meta[key]:
-                raise ConfigError(
-                    f"{ckpt.directory}: checkpoint was made for {key}={saved[key]}, this config "
-                    f"gives {meta[key]}; use another output_dir (or task_name)")
-        try:
-            state, saved = ckpt.restore(state)
-        except Exception as e:  # noqa: BLE001 - orbax raises many kinds on a tree mismatch
-            raise ConfigError(
-                f"{ckpt.directory}: cannot resume from step {ckpt.latest_step()} (made for "
-                f"another rank, target_modules or model? {type(e).__name__}); use another "
-                f"output_dir") from e
-        if saved.get("steps") != steps:
-            raise ConfigError(f"{ckpt.directory}: checkpoint was made for {saved.get('steps')} "
-                              f"total steps, this config gives {steps}; use another output_dir")
-    start_step = int(state["step"])
-    metrics_file = run_dir / "metrics.jsonl"
-    _trim_metrics(metrics_file, start_step)
+    # Settings read at one place (the lead reconciles this with the typed job configs).
+    settings = LoopSettings(total_steps=steps, log_every=tr.log_every,
+                            checkpoint_every=tr.checkpoint_every,
+                            keep_checkpoints=tr.keep_checkpoints, stop_after=stop_after,
+                            restart=restart, desc=f"train-lora {cfg.task_name}")
+    identity = {"task_name": cfg.task_name, "steps": steps, "seed": cfg.seed,
+                "modules": len(names), "r": cfg.lora.r}
+    pad_id = pad_id_of(tokenizer)
+    buckets = length_buckets(cfg.cutoff_len, cfg.min_bucket)
 
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id or 0
-    stream = micro_batch_stream(replay, batch_size=tr.batch_size, epochs=tr.epochs,
-                                seed=cfg.seed, buckets=length_buckets(cfg.cutoff_len,
-                                                                      cfg.min_bucket),
-                                pad_id=pad_id, start=start_step * tr.grad_accum)
-    bar = _progress(steps, start_step, progress, cfg.task_name)
-    step, tokens, t_train = start_step, 0, time.time()
-    pending: list[float] = []
-    step_seconds: list[float] = []  # wall time of each step of this call (the first compiles)
-    try:
-        with metrics_file.open("a") as mf:
-            while step < steps:
-                window = [b for _, b in zip(range(tr.grad_accum), stream, strict=False)]
-                if not window:
-                    break
-                batch, weights = stack_window(window, tr.grad_accum, tr.batch_size, pad_id)
-                lr = float(schedule(step))
-                t_step = time.time()
-                state, m = step_fn(state, frozen, batch, weights)
-                m = jax.device_get(m)
-                step_seconds.append(time.time() - t_step)
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise TrainRunError(
-                        f"non-finite loss {loss} at step {step + 1}; stopped, the last good "
-                        f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}")
-                step += 1
-                tokens += int(sum(int(b["attention_mask"].sum()) for b in window))
-                pending.append(loss)
-                if step % tr.log_every == 0 or step == steps:
-                    rec = {"step": step, "loss": float(np.mean(pending)), "lr": lr,
-                           "grad_norm": float(m["grad_norm"]),
-                           "time": round(time.time() - t0, 3)}
-                    mf.write(json.dumps(rec) + "\n")
-                    mf.flush()
-                    pending = []
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if step % tr.checkpoint_every == 0 or step == steps:
-                    ckpt.save(step, state, meta)
-                if stop_after is not None and step - start_step >= stop_after and step < steps:
-                    ckpt.save(step, state, meta)
-                    return run_dir
-    finally:
-        bar.close()
-        ckpt.wait()
-    train_time = time.time() - t_train
+    def batches(start: int) -> Iterator[Window]:
+        stream = micro_batch_stream(replay, batch_size=tr.batch_size, epochs=tr.epochs,
+                                    seed=cfg.seed, buckets=buckets, pad_id=pad_id,
+                                    start=start * tr.grad_accum)
+        return windows(stream, accum=tr.grad_accum, batch_size=tr.batch_size, pad_id=pad_id)
+
+    def row(step: int, m: Mapping[str, Any]) -> dict[str, Any]:
+        return {"loss": float(m["loss"]), "lr": float(lrs[step - 1]),
+                "grad_norm": float(m["grad_norm"])}
+
+    res = run_loop(lambda state, w: step_fn(state, frozen, w.batch, w.weights), state, batches,
+                   settings, run_dir, identity, on_metrics=row, progress=progress)
+    state = res.state
+    if not res.finished:
+        return run_dir
 
     adapter = to_lora_adapter(state["params"], ada_cfg)
     adapter_dir = save_adapter(adapter, run_dir / ADAPTER_SUBDIR)
-    done = step - start_step
     report = {
         "task_name": cfg.task_name, "model_path": cfg.model_path, "template": template,
         "adapter_dir": str(adapter_dir), "modules": len(names),
         "trainable_params": n_trainable,
         "data": {k: dict(v) for k, v in replay.stats.items()},
-        "run": {"steps": steps, "resumed_from_step": start_step, "steps_this_call": done,
-                "compilations": _compiles(step_fn), "train_seconds": round(train_time, 3),
-                "first_step_seconds": round(step_seconds[0], 4) if step_seconds else None,
-                "seconds_per_step": (round(float(np.median(step_seconds[1:])), 5)
-                                     if len(step_seconds) > 1 else None),
-                "tokens_this_call": tokens,
-                "tokens_per_second": round(tokens / max(train_time, 1e-9), 2),
+        "run": {"steps": steps, "compilations": _compiles(step_fn), **res.timings(),
                 "wall_seconds": round(time.time() - t0, 3)},
         "config": config_to_dict(cfg),
     }
-    _write_json_atomic(run_dir / "train_report.json", report)
+    write_json_atomic(run_dir / "train_report.json", report, default=float)
     return adapter_dir
 
 
