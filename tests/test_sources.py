@@ -103,11 +103,23 @@ def test_split_reproduces_the_fused_lora_output():
     np.testing.assert_allclose(got, y, rtol=1e-12)
 
 
+def test_split_with_explicit_head_dim():
+    from bridge import LoraModule
+
+    # Gemma-like: 2 heads x head_dim 16 on hidden 24, 1 KV head: q 32 + k 16 + v 16 rows.
+    m = LoraModule("model.layers.0.self_attn.qkv_proj", np.ones((2, 24)), np.ones((64, 2)), 1.0)
+    lay = HeadLayout(num_heads=2, num_kv_heads=1, head_dim=16)
+    parts = split_fused(LoraAdapter(config={}, modules={m.name: m}), layout=lay).modules
+    assert [p.d_out for p in parts.values()] == [16, 32, 16]  # k, q, v in name order
+    with pytest.raises(AdapterError, match="not divisible by num_heads 5; give head_dim"):
+        split_fused(LoraAdapter(config={}, modules={m.name: m}), layout=HeadLayout(num_heads=5))
+
+
 # ------------------------------------------------------------------ refusals
 def test_gqa_split_without_layout_is_refused_naming_module_and_fields(tmp_path):
     path = write_expert(tmp_path, "phi3")
     with pytest.raises(AdapterError) as e:
-        load_sources([{"adapter_path": str(path)}, {"adapter_path": str(path)}][1:], llama_target())
+        load_sources([{"adapter_path": str(path)}], llama_target())
     msg = str(e.value)
     assert "model.layers.0.self_attn.qkv_proj" in msg and "32 lora_B rows" in msg
     assert "sources.0.num_heads / num_kv_heads" in msg and "sources.0.config_path" in msg

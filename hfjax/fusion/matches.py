@@ -80,14 +80,6 @@ class SourceMatch:
     target_layer: int | None = None  # the aligned target layer (matched / no_layer)
     group: str = ""  # the matched target module's group, e.g. "q_proj_r4"
 
-    def reason(self, full_map: Mapping[int, int] | None = None,
-               layer_map: Mapping[int, int] | None = None) -> str:
-        """The outcome in words (``full_map`` / ``layer_map``: target -> source layers)."""
-        if self.status == "matched":
-            return f"-> {self.target} [{self.group}]"
-        return "-x " + _reason_text(self.status, self.suffix, self.target_layer, full_map,
-                                    layer_map)
-
 
 def _reason_text(status: str, suffix: str, target_layer: int | None,
                  full_map: Mapping[int, int] | None, layer_map: Mapping[int, int] | None) -> str:
