@@ -239,3 +239,43 @@ def test_match_table_gives_every_reason(tmp_path):
     assert len(rep["matches"]) == 42
     row = next(r for r in rep["matches"] if r["module"] == "model.layers.0.self_attn.o_proj")
     assert row["status"] == "no_type" and "no self_attn.o_proj" in row["reason"]
+
+
+def test_split_matches_hf_phi3_with_a_peft_written_adapter(tmp_path):
+    """A real PEFT LoRA on a (tiny) HF Phi-3: each part's delta is what Phi3Attention / Phi3MLP
+    slice out of the fused projection's LoRA output."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=24,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.Phi3ForCausalLM(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"])
+    pm = peft.get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    pm.save_pretrained(tmp_path / "phi3_lora")
+    _, (src,) = load_sources([{"adapter_path": str(tmp_path / "phi3_lora"),
+                               "config_path": str(tmp_path / "base")}], llama_target())
+    x = torch.randn(3, 16)
+    layer = pm.base_model.model.model.layers[1]
+    hd = 16 // 4
+    with torch.no_grad():
+        for fused, cuts in ((layer.self_attn.qkv_proj, {"self_attn.q_proj": (0, 4 * hd),
+                                                        "self_attn.k_proj": (16, 16 + 2 * hd),
+                                                        "self_attn.v_proj": (24, 32)}),
+                            (layer.mlp.gate_up_proj, {"mlp.gate_proj": (0, 24),
+                                                      "mlp.up_proj": (24, 48)})):
+            delta = (fused(x) - fused.base_layer(x)).numpy()
+            for suffix, (a, b) in cuts.items():
+                p = src.modules[f"model.layers.1.{suffix}"]
+                ours = p.scale * x.numpy() @ p.A.T @ p.B.T
+                np.testing.assert_allclose(ours, delta[:, a:b], rtol=1e-5, atol=1e-5)
+    # q = 4 heads x 4, k = v = 2 heads x 4; gate / up halves of 2 x 24.
+    assert [src.modules[f"model.layers.0.self_attn.{t}_proj"].d_out for t in "qkv"] == [16, 8, 8]
