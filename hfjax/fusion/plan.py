@@ -336,6 +336,7 @@ def build_plan(
     grouped: dict[tuple[str, int], list[ModuleEntry]] = {}
     unfused: list[str] = []
     reasons: list[str] = []
+    rank_errors: list[tuple[int, LoraModule, LoraModule]] = []
     for tm in target.modules.values():
         if tm.layer is None:
             unfused.append(tm.name)
@@ -352,10 +353,8 @@ def build_plan(
             if sm is None:
                 continue
             if sm.rank != tm.rank or sm.B.shape[1] != tm.rank:
-                raise FusionError(
-                    f"source {names[k]!r} module {sm.name} has rank A {sm.rank}/B "
-                    f"{sm.B.shape[1]} but target module {tm.name} has rank {tm.rank}; "
-                    "HeteroFusion needs equal ranks")
+                rank_errors.append((k, sm, tm))
+                continue
             matched.append((k, sm))
         if not matched:
             unfused.append(tm.name)
@@ -370,6 +369,8 @@ def build_plan(
         )
         grouped.setdefault((tm.module_type, tm.rank), []).append(entry)
 
+    if rank_errors:
+        raise FusionError(_rank_message(rank_errors, names))
     if not grouped:
         why = "; ".join(sorted(set(reasons))) or "the target adapter has no modules"
         raise FusionError(f"no target module can be fused with the given sources ({why})")
@@ -393,6 +394,23 @@ def build_plan(
         matches=match_sources(target, sources, layer_maps, full_maps, group_of),
         full_layer_maps=full_maps,
     )
+
+
+def _rank_message(errors: Sequence[tuple[int, LoraModule, LoraModule]],
+                  names: Sequence[str]) -> str:
+    """The first rank mismatch in full, then every (source, module type, ranks) that differs."""
+    k, sm, tm = errors[0]
+    msg = (f"source {names[k]!r} module {sm.name} has rank A {sm.rank}/B {sm.B.shape[1]} but "
+           f"target module {tm.name} has rank {tm.rank}; HeteroFusion needs equal ranks")
+    kinds: dict[tuple[int, str, int, int], int] = {}
+    for k, sm, tm in errors:
+        key = (k, sm.suffix, sm.rank, tm.rank)
+        kinds[key] = kinds.get(key, 0) + 1
+    if len(errors) > 1:
+        msg += f" ({len(errors)} mismatched pairs: " + ", ".join(
+            f"{names[k]!r} {suffix} r{rs} vs target r{rt} x{n}"
+            for (k, suffix, rs, rt), n in kinds.items()) + ")"
+    return msg
 
 
 def _why_unmatched(tm: LoraModule, layer_maps: Sequence[dict[int, int]],
