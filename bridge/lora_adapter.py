@@ -36,6 +36,9 @@ class LoraModule:
     A: np.ndarray  # (r, d_in), original dtype
     B: np.ndarray  # (d_out, r), original dtype
     scale: float  # lora_alpha / r (or / sqrt(r) with rsLoRA), per module
+    # For one part of a split fused projection (bridge.fused_split): the fused module's
+    # suffix and the B rows taken, e.g. "self_attn.qkv_proj rows 0:3072"; "" otherwise.
+    origin: str = ""
 
     @property
     def layer(self) -> int | None:

@@ -50,8 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.target.from_task = ""
 
     # The source experts, in order (order fixes their token positions, SPEC §2): a tuple of
-    # ConfigDicts {name, adapter_path}. On the command line either "name=path,name=path" or
-    # "path,path" (names from the folder names), or a single one as sources.0.adapter_path=...
+    # ConfigDicts {name, adapter_path}, optionally with the fields of `source_defaults()`
+    # (fused-projection splitting and head layout). On the command line either
+    # "name=path,name=path" or "path,path" (names from the folder names), or a single one as
+    # sources.0.adapter_path=... Sources are never run: any family's LoRA is accepted.
     config.sources = ()
 
     # The replay data (SPEC §8): Alpaca-style JSON records, all tasks pooled and shuffled.
@@ -183,3 +185,32 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     return config
+
+
+def source_defaults() -> ml_collections.ConfigDict:
+    """The fields of one entry of ``config.sources``, with their defaults.
+
+    Only ``adapter_path`` must be given. The head-layout fields matter only for a source
+    with a fused ``qkv_proj`` (Phi-3) whose rows are not three equal thirds (grouped-query
+    attention); ``hfjax.sources.source_options`` reads them.
+    """
+    source = ml_collections.ConfigDict()
+    # Display name in reports and logs ("" = derived from the adapter folder's name).
+    source.name = ""
+    # PEFT folder of the source LoRA (adapter_config.json + adapter_model.safetensors/.bin).
+    source.adapter_path = ""
+    # Split LoRAs on fused projections (Phi-3's qkv_proj / gate_up_proj) into exact LoRAs on
+    # q/k/v_proj and gate/up_proj (shared A, B cut by rows) where the target adapts those
+    # parts. False keeps them fused, and then they match nothing in a Llama-like target.
+    source.split_fused = True
+    # The source base model's config.json (or its folder), read only for the head layout
+    # (num_attention_heads, num_key_value_heads, head_dim, hidden_size, intermediate_size);
+    # "" = none. The source model's weights are never needed.
+    source.config_path = ""
+    # Attention heads of the source model (0 = unknown: from config_path, if given).
+    source.num_heads = 0
+    # Key/value heads of the source model (0 = unknown: from config_path, else num_heads).
+    source.num_kv_heads = 0
+    # Per-head width (0 = unknown: from config_path, else hidden // num_heads).
+    source.head_dim = 0
+    return source

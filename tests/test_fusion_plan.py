@@ -111,9 +111,11 @@ def test_source_order_fixes_token_order():
 def test_rank_mismatch_names_source_and_module():
     target = adapter(4, rank=2)
     bad = adapter(4, rank=2, seed=1, rank_overrides={"v_proj": 3})
-    with pytest.raises(FusionError, match=r"'expert_b'.*model\.layers\.0\.self_attn\.v_proj"):
+    with pytest.raises(FusionError, match=r"'expert_b'.*model\.layers\.0\.self_attn\.v_proj") as e:
         build_plan(target, [adapter(4, seed=2), bad], block_size=4,
                    source_names=["expert_a", "expert_b"])
+    # Every mismatch is summed up in the same line, not only the first one met.
+    assert "(4 mismatched pairs: 'expert_b' self_attn.v_proj r3 vs target r2 x4)" in str(e.value)
 
 
 def test_no_fusable_module_raises():

@@ -4,6 +4,7 @@ The pipeline, as the training loop uses it::
 
     plan = build_plan(target, sources, block_size=4096, transfer_ratio=1.0)  # topology
     print(plan.describe())                                     # pre-flight report
+    plan.matches        # per source module: the target module it feeds, or why none
     ctx = build_contexts(plan, target, sources)                # numpy block tokens, once
     params = init_fusion_params(plan, ctx, key=key, embed_dim=1024, num_heads=8,
                                 max_pos=4096, mu_gate=0.1, gate="svd", alpha_init=0.3)
@@ -16,6 +17,7 @@ The pipeline, as the training loop uses it::
 """
 
 from hfjax.fusion.blocks import build_contexts, svd_descriptor, to_blocks
+from hfjax.fusion.matches import SourceMatch
 from hfjax.fusion.network import (
     TransferNet,
     fused_B,
@@ -47,6 +49,7 @@ __all__ = [
     "FusionPlan",
     "Group",
     "ModuleEntry",
+    "SourceMatch",
     "TransferNet",
     "average_rdm",
     "build_contexts",

@@ -42,6 +42,13 @@ from typing import Any
 
 from bridge.lora_adapter import LoraAdapter, LoraModule
 from hfjax.errors import UserError
+from hfjax.fusion.matches import (
+    SourceMatch,
+    describe_matches,
+    match_report,
+    match_sources,
+)
+from hfjax.fusion.matches import format_ranges as _ranges
 
 
 class FusionError(UserError):
@@ -120,6 +127,9 @@ class FusionPlan:
         unfused_reasons: why, parallel to ``unfused``.
         target_layers: ``L_t``; source_layers: ``L_s`` per source.
         transfer_ratio: the ratio the layer maps were cut with.
+        matches: one row per source module: the target module it feeds, or why none
+            (`hfjax.fusion.matches`).
+        full_layer_maps: per source, the tail alignment before ``transfer_ratio``.
     """
 
     block_size: int
@@ -131,12 +141,15 @@ class FusionPlan:
     target_layers: int = 0
     source_layers: tuple[int, ...] = ()
     transfer_ratio: float = 1.0
+    matches: tuple[SourceMatch, ...] = ()
+    full_layer_maps: tuple[dict[int, int], ...] = ()
 
     def __hash__(self) -> int:
         maps = tuple(tuple(sorted(m.items())) for m in self.layer_maps)
+        full = tuple(tuple(sorted(m.items())) for m in self.full_layer_maps)
         return hash((self.block_size, self.groups, maps, self.source_names, self.unfused,
                      self.unfused_reasons, self.target_layers, self.source_layers,
-                     self.transfer_ratio))
+                     self.transfer_ratio, self.matches, full))
 
     @property
     def fused_modules(self) -> tuple[str, ...]:
@@ -186,7 +199,12 @@ class FusionPlan:
             "num_fused": len(self.fused_modules),
             "unfused": [{"name": n, "reason": r}
                         for n, r in zip(self.unfused, reasons, strict=True)],
+            "matches": match_report(self.matches, self._full_maps, self.layer_maps),
         }
+
+    @property
+    def _full_maps(self) -> tuple[dict[int, int], ...]:
+        return self.full_layer_maps or self.layer_maps
 
     def describe(self) -> str:
         """A human-readable pre-flight compatibility report (what ``--dry_run`` prints)."""
@@ -231,23 +249,10 @@ class FusionPlan:
                 lines.append(f"  {len(names)} x {r}: {shown}")
         else:
             lines.append("Left unchanged: none")
+        if self.matches:
+            lines += describe_matches(self.matches, self.source_names, self.source_layers,
+                                      self._full_maps, self.layer_maps)
         return "\n".join(lines)
-
-
-def _ranges(xs: Sequence[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0..2, 5, 7..8"``."""
-    xs = list(xs)
-    if not xs:
-        return "-"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        out.append(str(start) if start == prev else f"{start}..{prev}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(out)
 
 
 def parse_transfer_ratio(x: float | int | str) -> float:
@@ -323,6 +328,7 @@ def build_plan(
     l_t = target.num_layers
     l_srcs = tuple(s.num_layers for s in sources)
     layer_maps = tuple(_layer_map(l_t, l_s, ratio) for l_s in l_srcs)
+    full_maps = tuple(_layer_map(l_t, l_s, 1.0) for l_s in l_srcs)
     index = [{(m.layer, m.suffix): m for m in s.modules.values() if m.layer is not None}
              for s in sources]
 
@@ -330,6 +336,7 @@ def build_plan(
     grouped: dict[tuple[str, int], list[ModuleEntry]] = {}
     unfused: list[str] = []
     reasons: list[str] = []
+    rank_errors: list[tuple[int, LoraModule, LoraModule]] = []
     for tm in target.modules.values():
         if tm.layer is None:
             unfused.append(tm.name)
@@ -346,10 +353,8 @@ def build_plan(
             if sm is None:
                 continue
             if sm.rank != tm.rank or sm.B.shape[1] != tm.rank:
-                raise FusionError(
-                    f"source {names[k]!r} module {sm.name} has rank A {sm.rank}/B "
-                    f"{sm.B.shape[1]} but target module {tm.name} has rank {tm.rank}; "
-                    "HeteroFusion needs equal ranks")
+                rank_errors.append((k, sm, tm))
+                continue
             matched.append((k, sm))
         if not matched:
             unfused.append(tm.name)
@@ -364,6 +369,8 @@ def build_plan(
         )
         grouped.setdefault((tm.module_type, tm.rank), []).append(entry)
 
+    if rank_errors:
+        raise FusionError(_rank_message(rank_errors, names))
     if not grouped:
         why = "; ".join(sorted(set(reasons))) or "the target adapter has no modules"
         raise FusionError(f"no target module can be fused with the given sources ({why})")
@@ -379,11 +386,31 @@ def build_plan(
             buckets=tuple(Bucket(modules=tuple(ms), n_a=a, n_b=b, n_t=a + b, n_s=s)
                           for (a, b, s), ms in buckets.items()),
         ))
+    group_of = {m.name: g.name for g in groups for m in g.modules}
     return FusionPlan(
         block_size=block_size, groups=tuple(groups), layer_maps=layer_maps,
         source_names=names, unfused=tuple(unfused), unfused_reasons=tuple(reasons),
         target_layers=l_t, source_layers=l_srcs, transfer_ratio=ratio,
+        matches=match_sources(target, sources, layer_maps, full_maps, group_of),
+        full_layer_maps=full_maps,
     )
+
+
+def _rank_message(errors: Sequence[tuple[int, LoraModule, LoraModule]],
+                  names: Sequence[str]) -> str:
+    """The first rank mismatch in full, then every (source, module type, ranks) that differs."""
+    k, sm, tm = errors[0]
+    msg = (f"source {names[k]!r} module {sm.name} has rank A {sm.rank}/B {sm.B.shape[1]} but "
+           f"target module {tm.name} has rank {tm.rank}; HeteroFusion needs equal ranks")
+    kinds: dict[tuple[int, str, int, int], int] = {}
+    for k, sm, tm in errors:
+        key = (k, sm.suffix, sm.rank, tm.rank)
+        kinds[key] = kinds.get(key, 0) + 1
+    if len(errors) > 1:
+        msg += f" ({len(errors)} mismatched pairs: " + ", ".join(
+            f"{names[k]!r} {suffix} r{rs} vs target r{rt} x{n}"
+            for (k, suffix, rs, rt), n in kinds.items()) + ")"
+    return msg
 
 
 def _why_unmatched(tm: LoraModule, layer_maps: Sequence[dict[int, int]],

@@ -42,6 +42,7 @@ from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.families import template_for
 from hfjax.models.key_tables import logical_axes_tree
+from hfjax.sources import load_sources
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
 from hfjax.training.loop import LoopSettings, run_loop
@@ -111,8 +112,10 @@ def prepare(cfg: Any) -> Inputs:
     specs = source_specs(cfg)
     if not specs:
         raise ValueError("config: sources is empty (give at least one source adapter)")
-    sources = [load_adapter(p) for _, p in specs]
-    names = [n for n, _ in specs]
+    entries = cfg.sources if not isinstance(cfg.sources, str) else [
+        {"name": n, "adapter_path": p} for n, p in specs]
+    opts, sources = load_sources(list(entries), target)  # fused projections split here
+    names = [o.name for o in opts]
     plan = build_plan(target, sources, block_size=cfg.fusion.block_size,
                       transfer_ratio=cfg.fusion.transfer_ratio, source_names=names)
     contexts = build_contexts(plan, target, sources)
