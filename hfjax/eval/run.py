@@ -23,18 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from bridge import load_adapter
-from hfjax.config_io import TEMPLATE_BY_MODEL_TYPE
 from hfjax.eval.generation import generate_answers
 from hfjax.eval.metrics import EMPTY_ANSWERS, classification_scores, strip_generation, uie_scores
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import check_adapter
+from hfjax.models.families import FAMILIES
 from hfjax.training.data import load_alpaca
 from hfjax.training.templates import TEMPLATES as _TEMPLATE_REGISTRY
 from hfjax.training.templates import get_template
 
 TASKS = ("auto", "uie", "classification")
-FAMILY_TEMPLATE = TEMPLATE_BY_MODEL_TYPE
 MAX_LABEL_WORDS = 3
 MAX_LABELS = 20
 
@@ -103,10 +102,10 @@ def evaluate(model_path: str | Path, data_file: str | Path, *,
     model_path = Path(model_path)
     model_cfg = ModelConfig.from_hf(model_path, source=str(model_path / "config.json"))
     if template == "auto":
-        if model_cfg.model_type not in FAMILY_TEMPLATE:
+        if model_cfg.model_type not in FAMILIES:
             raise ValueError(f"template 'auto': no template known for model_type "
                              f"{model_cfg.model_type!r}; pass a template")
-        template = FAMILY_TEMPLATE[model_cfg.model_type]
+        template = FAMILIES[model_cfg.model_type].template
     tokenizer = load_tokenizer(model_path)
     get_template(template).check_tokenizer(tokenizer)
     adapter = None
