@@ -66,9 +66,10 @@ def test_unnamed_sources_get_the_one_naming_rule():
     cfg.sources = ({"adapter_path": "/x/ET_Fab/sft"}, {"adapter_path": "/y/RE_conll04"})
     job = to_fuse_job(cfg, check_paths=False)
     assert [s.name for s in job.sources] == ["ET_Fab/sft", "RE_conll04"]
-    cfg.sources = "/p/one/sft,/p/two/sft"  # a string handed straight to the library
-    assert [s.name for s in to_fuse_job(cfg, check_paths=False).sources] == ["one/sft",
-                                                                             "two/sft"]
+    from hfjax.config.sources import source_entries
+
+    assert source_entries("/p/one/sft,n=/p/two/sft") == [("one/sft", "/p/one/sft"),
+                                                         ("n", "/p/two/sft")]
     cfg.sources = ({"path": "/x"},)
     with pytest.raises(ConfigError, match=r"^sources\.0="):
         to_fuse_job(cfg, check_paths=False)
@@ -106,7 +107,7 @@ def test_heads_rule_is_one_rule_for_config_and_network():
     net = TransferNet(4, 2, embed_dim=32, num_heads=3, max_pos=8)
     with pytest.raises(FusionError, match=r"^num_heads=3: must divide embed_dim=32"):
         net.init(jax.random.key(0), jnp.zeros((1, 2, 8)), jnp.ones((1, 2, 2)),
-                 jnp.zeros((1, 2, 8)), jnp.ones((1, 2, 2)), 1)
+                 jnp.zeros((1, 2, 8)), jnp.ones((1, 2, 2)), n_a=1)
 
 
 def test_run_fusion_checks_its_config_on_entry(tmp_path):

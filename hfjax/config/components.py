@@ -273,7 +273,7 @@ class PlanConfig:
 
     @property
     def ratio(self) -> float:
-        """``transfer_ratio`` as a float (call `check` first: None-safe only when valid)."""
+        """``transfer_ratio`` as a float (`ConfigError` if it is not a number or "a/b")."""
         value = _ratio_value(self.transfer_ratio)
         if value is None:
             raise ConfigError(f"transfer_ratio={self.transfer_ratio!r}: expected a number or 'a/b'")
