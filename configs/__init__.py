@@ -5,5 +5,5 @@
 - ``configs/paper.py``: the paper's 49 experiments, generated from a few functions
   (``list_experiments()``, ``get_config(name)``).
 - ``configs/original_example.yaml``: a config in the original release's YAML layout, which
-  ``hfjax.config_io.load_config`` reads too.
+  ``hfjax.config.load_config`` reads too.
 """

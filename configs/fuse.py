@@ -12,7 +12,7 @@ fills in paths. Run it with::
 
 The fused adapter is written to ``<output_dir>/<task_name>/merged_lora/`` (the original's
 layout). String fields may use ``${VAR}`` / ``$VAR`` (expanded from the environment by
-``hfjax.config_io.load_config``; an unset variable is an error) and ``~``.
+``hfjax.config.load_config``; an unset variable is an error) and ``~``.
 """
 
 from __future__ import annotations

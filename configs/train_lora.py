@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
-# Every projection a llama-like decoder layer has (PEFT's "all-linear" for these families).
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every projection a llama-like decoder layer has (PEFT's "all-linear"), from the family table.
+from hfjax.models.families import ALL_LINEAR
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -243,6 +243,7 @@ class JaxSide:
         import jax.numpy as jnp
 
         from bridge import load_adapter
+        from hfjax.config import OptimizerConfig, RDMConfig, TransferNetConfig
         from hfjax.fusion import average_rdm, torch_state_dict_to_params
         from hfjax.loading import from_pretrained
         from hfjax.training import fuse_step as fs
@@ -259,11 +260,14 @@ class JaxSide:
                                              rank=c.rank, embed_dim=c.embed, max_pos=4096)
         params = {"nets": {g: net}, "alpha": {g: jnp.asarray(0.3, jnp.float32)}}
         self.st = fs.FuseStatics(
-            plan=plan, model=model.config, embed_dim=c.embed, num_heads=c.heads, max_pos=4096,
-            mu_gate=0.1, gate="svd", lambda_reg=0.005, mu_target=0.0, sigma_target=1.0,
-            num_projections=c.projections, activation="relu", sort="auto",
-            optim=(("lr", 5e-5), ("steps", 100), ("warmup_ratio", 0.05), ("b1", 0.9),
-                   ("b2", 0.999), ("eps", 1e-8), ("weight_decay", 0.01)))
+            plan=plan, model=model.config,
+            net=TransferNetConfig(embed_dim=c.embed, num_heads=c.heads, max_pos=4096,
+                                  mu_gate=0.1, gate="svd"),
+            rdm=RDMConfig(lambda_reg=0.005, mu_target=0.0, sigma_target=1.0,
+                          num_projections=c.projections, activation="relu", sort="auto"),
+            optim=OptimizerConfig(lr=5e-5, warmup_ratio=0.05, b1=0.9, b2=0.999, eps=1e-8,
+                                  weight_decay=0.01),
+            steps=100)
         opt = self.st.optimizer
         self.frozen = {"base": model.params, "adapter": target.to_jax(jnp.float32),
                        "contexts": {g: [jax.tree.map(jnp.asarray, ctx)]}}

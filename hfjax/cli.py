@@ -9,7 +9,7 @@
     hfjax merge-full --base DIR --adapter DIR --out DIR [--dtype float32|bfloat16|float16]
 
 Config files are ml_collections Python files (``get_config()``) or the original release's
-YAML layout (see `hfjax.config_io`). Bad input ends with one line on stderr and exit code 2.
+YAML layout (see `hfjax.config`). Bad input ends with one line on stderr and exit code 2.
 Compiled executables are cached on disk (`hfjax.compile_cache`; ``HFJAX_COMPILATION_CACHE=off``
 turns that off).
 """
@@ -45,7 +45,7 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_fuse(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hfjax.config_io import load_config, validate_configs
+    from hfjax.config import load_config, validate_configs
     from hfjax.training.fuse_loop import run_fusion
 
     configs = load_config(args.config, overrides)

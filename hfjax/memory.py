@@ -77,7 +77,7 @@ def resolve_mesh_shape(mesh_cfg: Any, mesh_shape: Mapping[str, int] | None = Non
     resolved against ``n_devices`` (default: ``jax.device_count()``)."""
     if mesh_shape is not None:
         return {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
-    sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+    sizes = {a: int(getattr(mesh_cfg, a)) for a in MESH_AXES}
     if -1 in sizes.values():
         if n_devices is None:
             import jax
@@ -162,16 +162,12 @@ def _network_bytes(plan: Any, fusion_cfg: Any, rules: Rules, mesh: _MeshShape
     return {"tree": per_leaf, "shapes": shapes}, nets, n_params
 
 
-def _adamw_bytes(cfg: Any, shapes: Any, per_leaf: Any) -> int:
+def _adamw_bytes(optim: Any, shapes: Any, per_leaf: Any) -> int:
     """Per-device bytes of AdamW's state: moments as their parameters, counters replicated."""
     import jax
     import optax
 
-    from hfjax.training.optim import adamw
-
-    tr = cfg.train
-    opt = adamw(tr.lr, 100, warmup_ratio=tr.warmup_ratio, b1=tr.b1, b2=tr.b2, eps=tr.eps,
-                weight_decay=tr.weight_decay)
+    opt = optim.build(100)
     state = jax.eval_shape(opt.init, shapes)
     sizes = optax.tree_utils.tree_map_params(
         opt, lambda _, b: b, state, per_leaf,
@@ -257,36 +253,40 @@ def memory_plan(cfg: Any, model_cfg: Any, plan: Any,
                 mesh_shape: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Per-device bytes of a fuse run (see the module docstring for what each entry counts).
 
+    ``cfg`` is a `hfjax.config.FuseJob`, or a fuse ConfigDict read into one unchecked (a
+    plan for a setting whose files need not exist).
     Returns ``{"mesh": sizes, "bytes": {component: int}, "total": int, "exact": [...],
     "network_params": int, "micro_batch": (B, L), "remat": bool, "base_dtype": str}``.
     """
+    from hfjax.config.jobs import FuseJob, fuse_job_from
     from hfjax.loading import resolve_dtype
 
-    sizes = resolve_mesh_shape(cfg.mesh, mesh_shape)
+    job = cfg if isinstance(cfg, FuseJob) else fuse_job_from(cfg)[0]
+    sizes = resolve_mesh_shape(job.mesh, mesh_shape)
     mesh = _MeshShape(sizes)
-    tr = cfg.train
-    rules = rules_for_batch(rules_from_config(cfg.mesh.rules), mesh, tr.batch_size)
+    tr = job.train
+    rules = rules_for_batch(rules_from_config(job.mesh.rules), mesh, tr.batch_size)
     dtype = resolve_dtype(tr.base_dtype)
-    nets, nets_bytes, n_params = _network_bytes(plan, cfg.fusion, rules, mesh)
+    nets, nets_bytes, n_params = _network_bytes(plan, job.net, rules, mesh)
     alphas = sum(nets["tree"]["alpha"].values())
-    resid, logits = lm_activation_bytes(model_cfg, tr.batch_size, cfg.data.cutoff_len, dtype,
+    resid, logits = lm_activation_bytes(model_cfg, tr.batch_size, job.data.cutoff_len, dtype,
                                         bool(tr.remat), rules, mesh)
     out = {
         "base": base_bytes(model_cfg, dtype, rules, mesh),
         "networks": nets_bytes,
         "alphas": int(alphas),
-        "adamw": _adamw_bytes(cfg, nets["shapes"], nets["tree"]),
+        "adamw": _adamw_bytes(job.optim, nets["shapes"], nets["tree"]),
         "gradients": nets_bytes + int(alphas),
         "contexts": context_bytes(plan, rules, mesh),
         "target_adapter": target_adapter_bytes(model_cfg, plan),
         "lm_activations": resid,
         "logits": logits,
-        "network_activations": network_activation_bytes(plan, cfg.fusion,
-                                                        cfg.rdm.num_projections, rules, mesh),
+        "network_activations": network_activation_bytes(plan, job.net,
+                                                        job.rdm.num_projections, rules, mesh),
     }
     return {"mesh": sizes, "bytes": out, "total": int(sum(out.values())),
             "exact": list(_EXACT), "network_params": n_params,
-            "micro_batch": (int(tr.batch_size), int(cfg.data.cutoff_len)),
+            "micro_batch": (int(tr.batch_size), int(job.data.cutoff_len)),
             "remat": bool(tr.remat), "base_dtype": np.dtype(dtype).name,
             "groups": len(plan.groups)}
 

@@ -90,10 +90,10 @@ def resolve(items: Sequence[str]) -> list[Experiment]:
 
 def finished(exp: Experiment, overrides: Sequence[str]) -> bool:
     """Whether the experiment's last task has exported its fused adapter."""
-    from hfjax import config_io  # imported here: `hfjax` pulls in JAX
+    from hfjax.config import is_finished, load_config  # imported here: `hfjax` pulls in JAX
 
-    configs = config_io.load_config(exp.spec, overrides)
-    return config_io.is_finished(configs[-1])
+    configs = load_config(exp.spec, overrides)
+    return is_finished(configs[-1])
 
 
 def _safe(name: str) -> str:
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.skip_finished:
             try:
                 done = finished(exp, args.override)
-            except ValueError as e:  # config_io.ConfigError
+            except ValueError as e:  # hfjax.config.ConfigError
                 exp.status, exp.note = "failed", f"config error: {str(e).splitlines()[0]}"
                 print(f"{tag}: FAILED ({exp.note})")
                 stop = not args.keep_going

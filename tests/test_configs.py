@@ -14,8 +14,8 @@ import ml_collections
 import pytest
 
 from configs import fuse, paper
-from hfjax import config_io
-from hfjax.config_io import ConfigError, apply_overrides, load_config, validate_config
+from hfjax import config as hfjax_config
+from hfjax.config import ConfigError, apply_overrides, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 FUSE_PY = REPO / "configs" / "fuse.py"
@@ -286,10 +286,10 @@ def test_example_yaml_translates_with_env_and_chaining(roots):
     assert second.target.adapter_path == f"{out}/qwen_to_llama/merged_lora"
     assert second.fusion.reuse_from == "qwen_to_llama"
     assert [s.name for s in second.sources] == ["ET_Fab/sft", "ET_FindVehicle/sft"]
-    assert config_io.parse_transfer_ratio(second.fusion.transfer_ratio) == 0.5
+    assert hfjax_config.parse_transfer_ratio(second.fusion.transfer_ratio) == 0.5
     assert (second.train.epochs, second.train.lr, second.fusion.alpha_init) == (1, 2e-5, 0.1)
     assert second.train.remat is False  # extras are per task
-    config_io.validate_configs([first, second], check_paths=False)
+    hfjax_config.validate_configs([first, second], check_paths=False)
     assert first.is_locked
 
 
@@ -375,7 +375,7 @@ def test_yaml_with_overrides_and_escaped_dollar(tmp_path, roots, monkeypatch):
     path = minimal_yaml(tmp_path)
     (cfg,) = load_config(path, ["train.lr=3e-4", "task_name=${EXTRA}", "experiment_name=a$$b"])
     assert cfg.train.lr == 3e-4 and cfg.task_name == "xyz" and cfg.experiment_name == "a$b"
-    assert config_io.expand_env("${NOPE_NOT_SET:-dflt}/x") == "dflt/x"
+    assert hfjax_config.expand_env("${NOPE_NOT_SET:-dflt}/x") == "dflt/x"
 
 
 def test_yaml_chain_three_tasks(tmp_path, roots):
@@ -485,7 +485,7 @@ def test_overrides_parse_and_type_check():
     assert cfg.task_name == "007" and cfg.mesh.rules == (("batch", "data"), ("lora_r", None))
     assert cfg.rdm.lambda_reg == 0.0 and isinstance(cfg.rdm.lambda_reg, float)
     apply_overrides(cfg, ["fusion.transfer_ratio=0.25"])
-    assert config_io.parse_transfer_ratio(cfg.fusion.transfer_ratio) == 0.25
+    assert hfjax_config.parse_transfer_ratio(cfg.fusion.transfer_ratio) == 0.25
 
 
 def test_overrides_sources_forms():
@@ -594,16 +594,16 @@ def test_validate_names_field_and_value(tmp_path, override, field):
 
 
 def test_template_resolution_and_export_dir(tmp_path):
-    assert config_io.resolve_template("auto", "qwen2") == "qwen"
-    assert config_io.resolve_template("mistral", "llama") == "mistral"
+    assert hfjax_config.resolve_template("auto", "qwen2") == "qwen"
+    assert hfjax_config.resolve_template("mistral", "llama") == "mistral"
     with pytest.raises(ConfigError, match="gemma"):
-        config_io.resolve_template("auto", "gemma")
+        hfjax_config.resolve_template("auto", "gemma")
     cfg = _valid(tmp_path)
-    assert config_io.export_dir(cfg) == f"{tmp_path}/out/heterofusion/merged_lora"
-    assert not config_io.is_finished(cfg)
-    write(Path(config_io.export_dir(cfg)) / "adapter_model.safetensors", "")
-    assert config_io.is_finished(cfg)
-    dumped = json.loads(json.dumps(config_io.config_to_dict(cfg)))
+    assert hfjax_config.export_dir(cfg) == f"{tmp_path}/out/heterofusion/merged_lora"
+    assert not hfjax_config.is_finished(cfg)
+    write(Path(hfjax_config.export_dir(cfg)) / "adapter_model.safetensors", "")
+    assert hfjax_config.is_finished(cfg)
+    dumped = json.loads(json.dumps(hfjax_config.config_to_dict(cfg)))
     assert dumped["sources"][1] == {"name": "b", "adapter_path": f"{tmp_path}/src_b"}
 
 

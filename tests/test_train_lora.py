@@ -13,7 +13,7 @@ from zoo_fixtures import SMALL
 
 from bridge import load_adapter
 from hfjax import cli
-from hfjax.config_io import ConfigError
+from hfjax.config import ConfigError
 from hfjax.demo import tasks
 from hfjax.demo.tokenizer import train_tokenizer
 from hfjax.demo.zoo import build_base_model

@@ -25,8 +25,7 @@ from bridge import LoraAdapter, LoraModule, make_adapter_config
 from hfjax.loading import init_params, save_pretrained
 from hfjax.models import Decoder, ModelConfig
 from hfjax.models.decoder import module_names
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from hfjax.models.families import ALL_LINEAR
 
 
 @dataclasses.dataclass(frozen=True)

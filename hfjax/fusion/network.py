@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfjax.config.components import TransferNetConfig
 from hfjax.fusion.plan import FusionError, FusionPlan, Group
 
 Array = jax.Array
@@ -64,7 +65,6 @@ _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
 _ones = nn.initializers.ones
 LN_EPS = 1e-5
-GATES = ("svd", "open")
 COL_VIEWS = ("auto", "kernel", "input")
 # col_view="auto" per backend. On this project's 2-core CPU (XLA 0.10) building the
 # concatenated kernel costs two weight-sized copies per step (forward concat, backward split)
@@ -265,12 +265,10 @@ class TransferNet(nn.Module):
 
 
 def _check_config(block_size: int, rank: int, embed_dim: int, num_heads: int, gate: str) -> None:
-    if gate not in GATES:
-        raise FusionError(f"gate must be one of {GATES}, got {gate!r}")
-    if embed_dim % num_heads:
-        raise FusionError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-    if embed_dim < 4:
-        raise FusionError(f"embed_dim {embed_dim} must be >= 4 (the gate MLP has E // 4 units)")
+    # The shape and gate rules are TransferNetConfig's (the one copy); the first one broken.
+    problems = TransferNetConfig(embed_dim=embed_dim, num_heads=num_heads, gate=gate).check(at="")
+    if problems:
+        raise FusionError(problems[0])
     if block_size < 1 or rank < 1:
         raise FusionError(f"block_size {block_size} and rank {rank} must be positive")
 

@@ -35,12 +35,11 @@ buckets in order of first appearance among their group's modules.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Any
 
 from bridge.lora_adapter import LoraAdapter, LoraModule
+from hfjax.config.components import PlanConfig
 from hfjax.errors import UserError
 from hfjax.fusion.matches import (
     SourceMatch,
@@ -259,19 +258,17 @@ def parse_transfer_ratio(x: float | int | str) -> float:
     """``0.5``, ``"0.5"`` or ``"1/2"`` -> ``0.5``; must lie in (0, 1].
 
     The original accepts any number and keeps ``max(1, int(n_pairs * ratio))`` pairs; a ratio
-    outside (0, 1] is refused here because it is almost certainly a typo.
+    outside (0, 1] is refused here because it is almost certainly a typo. The rule is
+    `hfjax.config.PlanConfig`'s; this raises its first problem as a `FusionError`.
     """
-    try:
-        if isinstance(x, str):
-            s = x.strip()
-            value = float(Fraction(s)) if "/" in s else float(s)
-        else:
-            value = float(x)
-    except (ValueError, ZeroDivisionError, TypeError) as e:
-        raise FusionError(f"transfer_ratio {x!r} is not a number or 'a/b' fraction") from e
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        raise FusionError(f"transfer_ratio {x!r} must lie in (0, 1]")
-    return value
+    return _checked(PlanConfig(transfer_ratio=x)).ratio
+
+
+def _checked(settings: PlanConfig) -> PlanConfig:
+    problems = settings.check(at="")
+    if problems:
+        raise FusionError(problems[0])
+    return settings
 
 
 def _layer_map(l_t: int, l_s: int, ratio: float) -> dict[int, int]:
@@ -293,6 +290,7 @@ def _num_tokens(m: LoraModule, block_size: int) -> int:
 def build_plan(
     target: LoraAdapter,
     sources: Sequence[LoraAdapter],
+    settings: PlanConfig | None = None,
     *,
     block_size: int = 4096,
     transfer_ratio: float | str = 1.0,
@@ -303,9 +301,10 @@ def build_plan(
     Args:
         target: the target LoRA adapter (its B's get updated).
         sources: source adapters, in config order (this order fixes token positions).
-        block_size: rows per token block (the original hard-codes 4096).
-        transfer_ratio: keep only the deepest ``max(1, int(n_pairs * ratio))`` layer pairs
-            of each source; a float or ``"a/b"``.
+        settings: the plan settings (`hfjax.config.PlanConfig`: ``block_size``, rows per
+            token block, the original hard-codes 4096; ``transfer_ratio``: keep only the
+            deepest ``max(1, int(n_pairs * ratio))`` layer pairs of each source). Without
+            it, ``block_size`` and ``transfer_ratio`` make one.
         source_names: display names; default: each adapter's path, else ``source{k}``.
 
     Raises:
@@ -314,10 +313,9 @@ def build_plan(
     """
     if not sources:
         raise FusionError("no source adapters given")
-    if int(block_size) != block_size or block_size < 1:
-        raise FusionError(f"block_size must be a positive integer, got {block_size!r}")
-    block_size = int(block_size)
-    ratio = parse_transfer_ratio(transfer_ratio)
+    settings = _checked(settings or PlanConfig(block_size=block_size,
+                                               transfer_ratio=transfer_ratio))
+    block_size, ratio = settings.block_size, settings.ratio
     if source_names is None:
         names = tuple(s.path or f"source{k}" for k, s in enumerate(sources))
     else:

@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfjax.config.components import RDM_SORTS as _SORTS  # the one table of sort modes
 from hfjax.fusion.plan import FusionError
 
 Array = jax.Array
 PRELU_SLOPE = 0.25  # torch.nn.PReLU's initial slope
-_SORTS = ("auto", "host", "xla")
 
 
 def _activate(x: Array, activation: str) -> Array:

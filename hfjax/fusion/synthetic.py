@@ -17,8 +17,6 @@ import numpy as np
 
 from bridge.lora_adapter import LoraAdapter, LoraModule
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def module_shapes(hidden: int, intermediate: int, kv_dim: int | None = None
                   ) -> dict[str, tuple[str, int, int]]:

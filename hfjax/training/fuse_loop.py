@@ -1,4 +1,5 @@
-"""`run_fusion(cfg)`: the whole HeteroFusion job, from a config to a fused PEFT adapter.
+"""`run_fusion(cfg)`: the whole HeteroFusion job, from a config (or a `FuseJob`) to a fused
+PEFT adapter.
 
 Stages (each fails early with one clear line)::
 
@@ -24,12 +25,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import linen as nn
 
 from bridge import LoraAdapter, load_adapter, save_adapter
 from hfjax import sharding as shd
 from hfjax.atomic import write_json_atomic
+from hfjax.config import FuseJob, as_fuse_job, resolve_template, to_fuse_job
 from hfjax.errors import RunDiverged
 from hfjax.fusion import (
     FusionPlan,
@@ -40,7 +43,6 @@ from hfjax.fusion import (
 )
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
-from hfjax.models.families import template_for
 from hfjax.models.key_tables import logical_axes_tree
 from hfjax.sources import load_sources
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
@@ -54,6 +56,8 @@ from hfjax.training.windows import (  # noqa: F401 - stack_window: re-exported
     stack_window,
     windows,
 )
+
+ConfigDict = ml_collections.ConfigDict
 
 FuseRunError = RunDiverged  # the old name: a non-finite loss or non-finite parameters
 
@@ -69,28 +73,9 @@ class FusionResult:
 
 
 # ----------------------------------------------------------------------------- inputs
-def source_specs(cfg: Any) -> list[tuple[str, str]]:
-    """``cfg.sources`` as [(name, adapter_path)]: dicts/ConfigDicts or "name=path,..." text."""
-    raw = cfg.sources
-    if isinstance(raw, str):
-        items = [s for s in raw.split(",") if s.strip()]
-        out = []
-        for i, s in enumerate(items):
-            name, _, path = s.partition("=")
-            out.append((name.strip(), path.strip()) if path else (f"source{i}", name.strip()))
-        return out
-    out = []
-    for i, s in enumerate(raw or ()):
-        if isinstance(s, str):
-            out.append((f"source{i}", s))
-        else:
-            out.append((str(s.get("name") or f"source{i}"), str(s["adapter_path"])))
-    return out
-
-
-def resolve_template(cfg: Any, model_cfg: ModelConfig) -> str:
-    t = cfg.target.template
-    return template_for(model_cfg.model_type) if t in ("", "auto", None) else t
+def _job(cfg: ConfigDict | FuseJob) -> FuseJob:
+    """A job as it is (checked when it was made), or a ConfigDict converted and checked."""
+    return cfg if isinstance(cfg, FuseJob) else to_fuse_job(cfg)
 
 
 @dataclasses.dataclass
@@ -106,41 +91,38 @@ class Inputs:
     template: str
 
 
-def prepare(cfg: Any) -> Inputs:
+def prepare(cfg: ConfigDict | FuseJob) -> Inputs:
     """Load and check everything that does not need the base weights (fast, for --dry_run)."""
-    target = load_adapter(cfg.target.adapter_path)
-    specs = source_specs(cfg)
-    if not specs:
-        raise ValueError("config: sources is empty (give at least one source adapter)")
-    entries = cfg.sources if not isinstance(cfg.sources, str) else [
-        {"name": n, "adapter_path": p} for n, p in specs]
-    opts, sources = load_sources(list(entries), target)  # fused projections split here
+    job = _job(cfg)
+    target = load_adapter(job.target.adapter_path)
+    # Sources of any family; fused projections (Phi-3) are split here.
+    opts, sources = load_sources([dataclasses.asdict(s) for s in job.sources], target)
     names = [o.name for o in opts]
-    plan = build_plan(target, sources, block_size=cfg.fusion.block_size,
-                      transfer_ratio=cfg.fusion.transfer_ratio, source_names=names)
+    plan = build_plan(target, sources, job.plan, source_names=names)
     contexts = build_contexts(plan, target, sources)
-    if cfg.fusion.zero_sources:  # ablation: is the gain from the sources or from replay alone?
+    if job.zero_sources:  # ablation: is the gain from the sources or from replay alone?
         contexts = {g: [{**c, "src": np.zeros_like(c["src"]), "src_s": np.zeros_like(c["src_s"])}
                         for c in buckets] for g, buckets in contexts.items()}
-    model_cfg = ModelConfig.from_hf(cfg.target.model_path,
-                                    source=str(Path(cfg.target.model_path) / "config.json"))
-    tokenizer = load_tokenizer(cfg.target.model_path)
-    template = resolve_template(cfg, model_cfg)
-    replay = ReplaySet.load(list(cfg.data.datasets), cfg.data.data_root, tokenizer, template,
-                            cfg.data.cutoff_len)
+    model_cfg = ModelConfig.from_hf(job.target.model_path,
+                                    source=str(Path(job.target.model_path) / "config.json"))
+    tokenizer = load_tokenizer(job.target.model_path)
+    template = resolve_template(job.target.template, model_cfg.model_type)
+    replay = ReplaySet.load(list(job.data.datasets), job.data.data_root, tokenizer, template,
+                            job.data.cutoff_len)
     if len(replay) == 0:
-        raise ValueError(f"{cfg.data.data_root}: the replay set is empty")
+        raise ValueError(f"{job.data.data_root}: the replay set is empty")
     return Inputs(target, sources, names, plan, contexts, model_cfg, replay, tokenizer, template)
 
 
 # ----------------------------------------------------------------------------- reporting
-def dry_run_text(cfg: Any, inp: Inputs) -> str:
+def dry_run_text(cfg: ConfigDict | FuseJob, inp: Inputs) -> str:
     from hfjax.fusion import net_param_count
 
-    f = cfg.fusion
+    job = _job(cfg)
+    f, tr = job.net, job.train
     lines = [inp.plan.describe(), "", "replay data:", inp.replay.summary(), ""]
-    n_batches = num_batches(len(inp.replay), cfg.train.batch_size)
-    steps = total_steps(n_batches, cfg.train.epochs, cfg.train.grad_accum, cfg.train.max_steps)
+    n_batches = num_batches(len(inp.replay), tr.batch_size)
+    steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
     per_group = {g.name: net_param_count(inp.plan.block_size, g.rank, f.embed_dim, f.num_heads,
                                          f.max_pos, f.gate) for g in inp.plan.groups}
     total = sum(per_group.values()) + len(per_group)
@@ -150,11 +132,11 @@ def dry_run_text(cfg: Any, inp: Inputs) -> str:
     lines.append(f"  total trainable: {total / 1e6:.2f} M (+ AdamW moments: "
                  f"{3 * total * 4 / 2**30:.2f} GiB for params + 2 moments, float32)")
     lines.append(f"optimizer steps: {steps} (batches/epoch {n_batches}, epochs "
-                 f"{cfg.train.epochs}, accum {cfg.train.grad_accum})")
+                 f"{tr.epochs}, accum {tr.grad_accum})")
     try:
         from hfjax.memory import memory_plan_text
 
-        lines += ["", memory_plan_text(cfg, inp.model_cfg, inp.plan)]
+        lines += ["", memory_plan_text(job, inp.model_cfg, inp.plan)]
     except ImportError:
         pass
     return "\n".join(lines)
@@ -192,49 +174,46 @@ def attention_by_source(plan: FusionPlan, sources: Sequence[LoraAdapter],
 
 
 # ----------------------------------------------------------------------------- the run
-def statics_from(cfg: Any, plan: FusionPlan, model_cfg: ModelConfig,
+def statics_from(cfg: ConfigDict | FuseJob, plan: FusionPlan, model_cfg: ModelConfig,
                  steps: int = 1) -> FuseStatics:
-    f, r, tr = cfg.fusion, cfg.rdm, cfg.train
-    optim = (("lr", float(tr.lr)), ("steps", int(steps)),
-             ("warmup_ratio", float(tr.warmup_ratio)),
-             ("b1", float(tr.b1)), ("b2", float(tr.b2)), ("eps", float(tr.eps)),
-             ("weight_decay", float(tr.weight_decay)))
-    return FuseStatics(optim=optim, plan=plan, model=model_cfg, embed_dim=f.embed_dim,
-                       num_heads=f.num_heads,
-                       max_pos=f.max_pos, mu_gate=float(f.mu_gate), gate=f.gate,
-                       lambda_reg=float(r.lambda_reg), mu_target=float(r.mu_target),
-                       sigma_target=float(r.sigma_target), num_projections=r.num_projections,
-                       activation=r.activation, sort=r.sort, remat=bool(cfg.train.remat))
+    """The fuse step's static argument: the job's network, RDM and optimizer settings."""
+    job = _job(cfg)
+    return FuseStatics(plan=plan, model=model_cfg, net=job.net, rdm=job.rdm, optim=job.optim,
+                       steps=int(steps), remat=bool(job.train.remat))
 
 
-def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
+def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bool = True,
                stop_after: int | None = None, base_params: Any = None,
                restart: bool = False) -> FusionResult:
     """Run (or plan, with ``dry_run``) one fusion job described by ``cfg``.
+
+    ``cfg`` is one task's fuse ConfigDict (converted by `hfjax.config.to_fuse_job`) or a
+    `FuseJob`; either is checked on entry (a dry run does not require the paths to exist).
 
     ``stop_after``: stop after this many optimizer steps in this call (checkpointed, no export):
     used to test interruption and resume. ``restart``: delete the output directory's
     checkpoints and metrics and start from step 0 (a mismatched checkpoint is refused
     otherwise). ``base_params``: already-placed base parameters
-    (e.g. sharded over a mesh by the caller); loaded from ``cfg.target.model_path`` otherwise.
+    (e.g. sharded over a mesh by the caller); loaded from ``target.model_path`` otherwise.
     """
+    job = as_fuse_job(cfg, check_paths=not dry_run)
     shd.maybe_initialize_distributed()  # multi-host: a no-op unless the environment asks
-    out_dir = Path(cfg.output_dir) / cfg.task_name
-    inp = prepare(cfg)
+    out_dir = Path(job.run_dir)
+    inp = prepare(job)
     if dry_run:
-        text = dry_run_text(cfg, inp)
+        text = dry_run_text(job, inp)
         print(text)
         return FusionResult(out_dir, None, {"plan": inp.plan.report()}, 0, 0, [])
 
     t0 = time.time()
-    tr = cfg.train
+    tr = job.train
     base_dtype = resolve_dtype(tr.base_dtype)
-    # The mesh (cfg.mesh) and its logical-axis rules: every array below is placed in its
+    # The mesh (job.mesh) and its logical-axis rules: every array below is placed in its
     # sharding (a 1-device mesh by default on one device).
-    mesh = shd.mesh_from_config(cfg.mesh)
-    rules = shd.rules_for_batch(shd.rules_from_config(cfg.mesh.rules), mesh, tr.batch_size)
+    mesh = shd.mesh_from_config(job.mesh)
+    rules = shd.rules_for_batch(shd.rules_from_config(job.mesh.rules), mesh, tr.batch_size)
     if base_params is None:
-        base_params = from_pretrained(cfg.target.model_path, dtype=base_dtype, mesh=mesh,
+        base_params = from_pretrained(job.target.model_path, dtype=base_dtype, mesh=mesh,
                                       rules=rules).params
     else:
         base_params = shd.shard_params(base_params, logical_axes_tree(inp.model_cfg), mesh, rules)
@@ -244,37 +223,36 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
                                            rules)}
     n_batches = num_batches(len(inp.replay), tr.batch_size)
     steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
-    st = statics_from(cfg, inp.plan, inp.model_cfg, steps)
+    st = statics_from(job, inp.plan, inp.model_cfg, steps)
     optimizer = st.optimizer
-    key = jax.random.PRNGKey(cfg.seed)
+    key = jax.random.PRNGKey(job.seed)
     init_key, rdm_key = jax.random.split(key)
-    f = cfg.fusion
+    f = job.net
     boxed = init_fusion_params(inp.plan, inp.contexts, key=init_key, embed_dim=f.embed_dim,
                                num_heads=f.num_heads, max_pos=f.max_pos, mu_gate=f.mu_gate,
                                gate=f.gate, alpha_init=f.alpha_init, boxed=True)
     params = nn.unbox(boxed)  # the boxes carry each leaf's logical axes
     param_sh = shd.logical_to_named(shd.fusion_logical_specs(boxed), mesh, rules, shapes=params)
-    if cfg.fusion.reuse_from:
-        params = reuse_networks(params, Path(cfg.output_dir) / cfg.fusion.reuse_from)
+    if job.reuse_from:
+        params = reuse_networks(params, Path(job.output_dir) / job.reuse_from)
     state_sh = {"params": param_sh, "step": shd.replicated(mesh),
                 "opt_state": shd.opt_state_shardings(optimizer, params, param_sh, mesh)}
     state = jax.jit(lambda p: {"params": p, "opt_state": optimizer.init(p),
                                "step": jnp.zeros((), jnp.int32)},
                     out_shardings=state_sh)(shd.put_tree(params, param_sh))
 
-    # Settings read at one place (the lead reconciles this with the typed job configs).
     settings = LoopSettings(total_steps=steps, log_every=tr.log_every,
                             checkpoint_every=tr.checkpoint_every,
                             keep_checkpoints=tr.keep_checkpoints, stop_after=stop_after,
-                            restart=restart, desc=f"fuse {cfg.task_name}")
-    identity = {"task_name": cfg.task_name, "steps": steps, "seed": cfg.seed}
+                            restart=restart, desc=f"fuse {job.task_name}")
+    identity = {"task_name": job.task_name, "steps": steps, "seed": job.seed}
     pad_id = pad_id_of(inp.tokenizer)
-    buckets = length_buckets(cfg.data.cutoff_len, cfg.data.min_bucket)
+    buckets = length_buckets(job.data.cutoff_len, job.data.min_bucket)
     batch_sh, rep_sh = shd.batch_sharding(mesh, rules), shd.replicated(mesh)
 
     def batches(start: int) -> Iterator[Window]:
         stream = micro_batch_stream(inp.replay, batch_size=tr.batch_size, epochs=tr.epochs,
-                                    seed=cfg.seed, buckets=buckets, pad_id=pad_id,
+                                    seed=job.seed, buckets=buckets, pad_id=pad_id,
                                     start=start * tr.grad_accum)
         for w in windows(stream, accum=tr.grad_accum, batch_size=tr.batch_size,
                          pad_id=pad_id):
@@ -293,7 +271,7 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
         return FusionResult(out_dir, None, {}, res.step, _compiles() - compiles_before,
                             res.history)
 
-    adapter_dir, report = export(cfg, inp, state["params"], frozen, st, out_dir)
+    adapter_dir, report = export(job, inp, state["params"], frozen, st, out_dir)
     save_networks(state["params"], out_dir)
     report["run"] = {"steps": steps, "compilations": _compiles() - compiles_before,
                      **res.timings(), "wall_seconds": round(time.time() - t0, 3)}
@@ -362,7 +340,7 @@ def fused_B_numpy(params: Any, frozen: dict[str, Any], st: FuseStatics
     return {k: np.asarray(v) for k, v in new_B.items()}, jax.device_get(attn)
 
 
-def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseStatics,
+def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseStatics,
            out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Write ``merged_lora/`` (A unchanged, B + α·ΔB on fused modules) and the report dict."""
     new_B, attn = fused_B_numpy(params, frozen, st)
@@ -375,10 +353,10 @@ def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseS
         delta_norms[name] = float(np.linalg.norm(b - b0))
     alpha = {k: float(v) for k, v in jax.device_get(params["alpha"]).items()}
     report = {
-        "task_name": cfg.task_name,
-        "target_adapter": str(cfg.target.adapter_path),
-        "target_model": str(cfg.target.model_path),
-        "sources": [{"name": n, "adapter_path": p} for n, p in source_specs(cfg)],
+        "task_name": job.task_name,
+        "target_adapter": str(job.target.adapter_path),
+        "target_model": str(job.target.model_path),
+        "sources": [{"name": s.name, "adapter_path": s.adapter_path} for s in job.sources],
         "template": inp.template,
         "plan": inp.plan.report(),
         "alpha": alpha,

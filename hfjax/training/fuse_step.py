@@ -26,49 +26,40 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hfjax.config.components import OptimizerConfig, RDMConfig, TransferNetConfig
 from hfjax.fusion import average_rdm, fused_B, predict_delta_B
 from hfjax.fusion.plan import FusionPlan
 from hfjax.models.config import ModelConfig
 from hfjax.training.objective import lm_loss
-from hfjax.training.optim import adamw
 
 
 @dataclasses.dataclass(frozen=True)
 class FuseStatics:
-    """Everything static about a fusion step (hashable: a jit static argument)."""
+    """Everything static about a fusion step (hashable: a jit static argument).
+
+    Runs with the same shapes and settings share one compilation (the optimizer settings
+    and total ``steps`` fix the schedule, so they are part of the key).
+    """
 
     plan: FusionPlan
     model: ModelConfig
-    embed_dim: int
-    num_heads: int
-    max_pos: int
-    mu_gate: float
-    gate: str
-    lambda_reg: float
-    mu_target: float
-    sigma_target: float
-    num_projections: int
-    activation: str
-    sort: str
-    remat: bool = False
-    # AdamW + cosine schedule hyper-parameters (see `hfjax.training.optim.adamw`): part of the
-    # static key so that runs with the same shapes and settings share one compilation.
-    optim: tuple[tuple[str, float], ...] = ()
+    net: TransferNetConfig
+    rdm: RDMConfig
+    optim: OptimizerConfig
+    steps: int = 1  # optimizer steps the schedule spans
+    remat: bool = False  # rematerialise the base model's decoder layers
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
-        return adamw(**dict(self.optim))
+        return self.optim.build(self.steps)
 
     @property
     def net_kwargs(self) -> dict[str, Any]:
-        return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, max_pos=self.max_pos,
-                    mu_gate=self.mu_gate, gate=self.gate)
+        return self.net.network_kwargs()
 
     @property
     def rdm_kwargs(self) -> dict[str, Any]:
-        return dict(mu_target=self.mu_target, sigma_target=self.sigma_target,
-                    num_projections=self.num_projections, activation=self.activation,
-                    sort=self.sort)
+        return self.rdm.loss_kwargs()
 
 
 def patched_adapter(adapter: dict[str, Any], new_B: dict[str, jax.Array]) -> dict[str, Any]:
@@ -117,11 +108,11 @@ def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches
     (lm_sum, rdm_sum, g_b, g_z), _ = jax.lax.scan(
         micro, zeros, (micro_batches, weights, jnp.arange(n_micro)))
     n = jnp.maximum(jnp.sum(weights), 1.0)
-    scale_z = st.lambda_reg / n
+    scale_z = st.rdm.lambda_reg / n
     (grads,) = vjp_fn((jax.tree.map(lambda g: g / n, g_b),
                        jax.tree.map(lambda g: g * scale_z, g_z)))
     metrics = {"lm_loss": lm_sum / n, "rdm": rdm_sum / n,
-               "loss": (lm_sum + st.lambda_reg * rdm_sum) / n}
+               "loss": (lm_sum + st.rdm.lambda_reg * rdm_sum) / n}
     return grads, metrics
 
 

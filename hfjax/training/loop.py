@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfjax.atomic import write_text_atomic
-from hfjax.config_io import ConfigError
+from hfjax.config import ConfigError
 from hfjax.errors import RunDiverged
 from hfjax.training import checkpointing
 

@@ -31,11 +31,9 @@ Outputs under ``<output_dir>/<task_name>/``: ``adapter/`` (PEFT: ``adapter_confi
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -46,218 +44,48 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import yaml
 
 from bridge import LoraAdapter, LoraModule, make_adapter_config, module_rank_scale, save_adapter
-from configs import train_lora as _schema_module
 from hfjax.atomic import write_json_atomic
-from hfjax.config_io import (
-    ConfigError,
-    apply_overrides,
-    check_train_fields,
-    config_to_dict,
-    expand_env,
-    import_get_config,
+from hfjax.config import (
+    LoraJob,
+    OptimizerConfig,
+    as_lora_job,
+    load_train_config,
+    resolve_template,
+    validate_train_config,
 )
-from hfjax.config_io import is_number as _number
 from hfjax.errors import RunDiverged
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import module_names
-from hfjax.models.families import template_for
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.loop import LoopSettings, run_loop
 from hfjax.training.objective import lm_loss
-from hfjax.training.optim import adamw, cosine_with_warmup, total_steps
-from hfjax.training.templates import TEMPLATES as _TEMPLATE_REGISTRY
+from hfjax.training.optim import cosine_with_warmup, total_steps
 from hfjax.training.windows import Window, micro_batch_stream, pad_id_of, windows
 
 ConfigDict = ml_collections.ConfigDict
 LoraParams = dict[str, dict[str, jax.Array]]
 
-ALL_LINEAR = _schema_module.ALL_LINEAR
-TEMPLATES = (*sorted(_TEMPLATE_REGISTRY), "auto")
-BASE_DTYPES = ("bfloat16", "float32")
 ADAPTER_SUBDIR = "adapter"
-_PATH_FIELDS = ("model_path", "data_root", "output_dir")
+# Loading and checking live in `hfjax.config` (one loader for both jobs); re-exported here.
+__all__ = ["ADAPTER_SUBDIR", "TrainRunError", "adapter_config", "init_lora", "load_train_config",
+           "main", "make_train_step", "target_names", "to_lora_adapter", "train_lora",
+           "validate_train_config"]
 
 
 TrainRunError = RunDiverged  # the old name: a non-finite loss or non-finite parameters
 
 
-# ----------------------------------------------------------------------------- config
-def _leaves(cfg: ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key in cfg.keys():
-        value = cfg[key]
-        if isinstance(value, ConfigDict):
-            out.extend(_leaves(value, f"{prefix}{key}."))
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
-
-
-def _node(cfg: ConfigDict, path: str) -> tuple[ConfigDict, str]:
-    parent, _, leaf = path.rpartition(".")
-    node = cfg
-    for part in parent.split(".") if parent else ():
-        node = node[part]
-    return node, leaf
-
-
-def _conform(user: Mapping[str, Any] | ConfigDict, label: str) -> ConfigDict:
-    """The schema's defaults overlaid with ``user``'s fields; unknown fields are errors."""
-    import difflib
-
-    cfg = _schema_module.get_config()
-    if not isinstance(user, ConfigDict):
-        user = ConfigDict(dict(user))
-    valid = [p for p, _ in _leaves(cfg)]
-    for path, value in _leaves(user):
-        if path not in valid:
-            close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{label}: unknown field '{path}'{hint}")
-        node, leaf = _node(cfg, path)
-        if isinstance(value, list):
-            value = tuple(value)
-        expected = node.get_type(leaf)
-        if isinstance(value, bool) and expected in (int, float):
-            raise ConfigError(f"{label}: {path}={value!r}: expected {expected.__name__}")
-        try:
-            node[leaf] = copy.deepcopy(value)
-        except TypeError:
-            raise ConfigError(f"{label}: {path}={value!r}: expected {expected.__name__}, got "
-                              f"{type(value).__name__}") from None
-    return cfg
-
-
-def _read_file(spec: str) -> ConfigDict:
-    file, _, arg = spec.partition(":") if spec.split(":")[0].endswith(".py") else (spec, "", "")
-    path = Path(file)
-    if not path.is_file():
-        raise ConfigError(f"{file}: no such config file")
-    suffix = path.suffix.lower()
-    if suffix == ".py":
-        get_config = import_get_config(file)
-        user = get_config(arg) if arg else get_config()
-        if not isinstance(user, ConfigDict):
-            raise ConfigError(f"{spec}: get_config() must return a ConfigDict")
-        return _conform(user, spec)
-    if suffix in (".yaml", ".yml", ".json"):
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{file}: cannot parse ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a mapping of fields")
-        return _conform(data, file)
-    raise ConfigError(f"{spec}: expected a .py, .yaml, .yml or .json config file")
-
-
-def load_train_config(path: str | os.PathLike[str] | None = None,
-                      overrides: Sequence[str] = ()) -> ConfigDict:
-    """Load a train-lora config (schema: ``configs/train_lora.py``), apply overrides, lock it.
-
-    ``path`` is a ``.py`` file with ``get_config()`` (``FILE.py:ARG`` calls
-    ``get_config(ARG)``), a ``.yaml``/``.json`` mapping of fields (nested sections or the
-    schema's nesting), or ``None`` for the defaults. ``overrides`` are ``"train.lr=3e-4"``
-    strings (``--config.`` prefix accepted). ``${VAR}`` / ``$VAR`` are expanded in every
-    string field and ``~`` in the path fields. Unknown fields and wrong types raise
-    `ConfigError` naming the file and the field; call `validate_train_config` for values.
-    """
-    spec = "defaults" if path is None else os.fspath(path)
-    cfg = _schema_module.get_config() if path is None else _read_file(spec)
-    overrides = [expand_env(o, where=f"{spec}: override {o!r}") for o in overrides]
-    apply_overrides(cfg, overrides, where=f"{spec}: override")
-    for field, value in _leaves(cfg):
-        node, leaf = _node(cfg, field)
-        if isinstance(value, str):
-            node[leaf] = expand_env(value, where=f"{spec}: field '{field}'")
-        elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
-            node[leaf] = tuple(expand_env(v, where=f"{spec}: field '{field}'") for v in value)
-    for field in _PATH_FIELDS:
-        cfg[field] = os.path.expanduser(cfg[field])
-    cfg.lock()
-    return cfg
-
-
-def validate_train_config(cfg: ConfigDict, *, check_paths: bool = True) -> None:
-    """Check every value (and, with ``check_paths``, that the inputs exist).
-
-    Raises `ConfigError` listing every problem, one line each, naming the field and value.
-    """
-    problems: list[str] = []
-
-    def bad(field: str, value: Any, why: str) -> None:
-        problems.append(f"{field}={value!r}: {why}")
-
-    def get(field: str) -> Any:
-        node, leaf = _node(cfg, field)
-        return node[leaf]
-
-    def positive(field: str, *, integer: bool = True) -> None:
-        value = get(field)
-        ok = isinstance(value, int) if integer else _number(value)
-        if not ok or isinstance(value, bool) or value <= 0:
-            bad(field, value, "must be a positive " + ("integer" if integer else "number"))
-
-    for field in ("model_path", "data_root", "output_dir", "task_name"):
-        if not isinstance(get(field), str) or not get(field):
-            bad(field, get(field), "must be set")
-    if cfg.task_name and any(c in cfg.task_name for c in "/\\"):
-        bad("task_name", cfg.task_name, "must not contain path separators")
-    if check_paths and cfg.model_path and not os.path.isfile(
-            os.path.join(cfg.model_path, "config.json")):
-        why = "no such directory" if not os.path.isdir(cfg.model_path) else "has no config.json"
-        bad("model_path", cfg.model_path, why)
-    if check_paths and cfg.data_root and not os.path.isdir(cfg.data_root):
-        bad("data_root", cfg.data_root, "no such directory")
-    if cfg.template not in TEMPLATES:
-        bad("template", cfg.template, f"must be one of {', '.join(TEMPLATES)}")
-    if not cfg.datasets:
-        bad("datasets", cfg.datasets, "at least one dataset is needed")
-    for i, name in enumerate(cfg.datasets):
-        if not isinstance(name, str) or not name:
-            bad(f"datasets.{i}", name, "must be a dataset name")
-        elif name in cfg.datasets[:i]:
-            bad(f"datasets.{i}", name, "listed twice")
-    positive("cutoff_len")
-    positive("min_bucket")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        bad("seed", cfg.seed, "must be a non-negative integer")
-
-    positive("lora.r")
-    positive("lora.alpha", integer=False)
-    mods = cfg.lora.target_modules
-    if not mods:
-        bad("lora.target_modules", mods, "at least one projection is needed")
-    for m in mods:
-        if m not in ALL_LINEAR:
-            bad("lora.target_modules", m,
-                f"unknown projection; choose from {', '.join(ALL_LINEAR)}")
-    if cfg.lora.dropout != 0:
-        bad("lora.dropout", cfg.lora.dropout, "LoRA dropout is not implemented; use 0")
-
-    positive("train.epochs")
-    positive("train.lr", integer=False)
-    if not (_number(cfg.train.warmup_ratio) and 0 <= cfg.train.warmup_ratio <= 1):
-        bad("train.warmup_ratio", cfg.train.warmup_ratio, "must lie in [0, 1]")
-    check_train_fields(cfg.train, bad, positive)
-    if cfg.train.base_dtype not in BASE_DTYPES:
-        bad("train.base_dtype", cfg.train.base_dtype, f"must be one of {', '.join(BASE_DTYPES)}")
-    if problems:
-        raise ConfigError("\n".join(problems), problems)
-
-
 # ----------------------------------------------------------------------------- the adapter
-def adapter_config(cfg: ConfigDict) -> dict[str, Any]:
+def adapter_config(job: LoraJob) -> dict[str, Any]:
     """The exported ``adapter_config.json`` (PEFT LoRA, inference mode)."""
-    alpha = float(cfg.lora.alpha)
+    alpha = float(job.lora.alpha)
     return make_adapter_config(
-        r=int(cfg.lora.r), lora_alpha=int(alpha) if alpha.is_integer() else alpha,
-        target_modules=list(cfg.lora.target_modules), base_model_name_or_path=cfg.model_path,
-        use_rslora=bool(cfg.lora.use_rslora))
+        r=int(job.lora.r), lora_alpha=int(alpha) if alpha.is_integer() else alpha,
+        target_modules=list(job.lora.target_modules), base_model_name_or_path=job.model_path,
+        use_rslora=bool(job.lora.use_rslora))
 
 
 def target_names(model_cfg: ModelConfig, target_modules: Sequence[str]) -> list[str]:
@@ -334,11 +162,10 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
 
 
 @functools.lru_cache(maxsize=4)
-def _train_step_for(model_cfg: ModelConfig, remat: bool, lr: float, steps: int,
-                    warmup_ratio: float, weight_decay: float):
+def _train_step_for(model_cfg: ModelConfig, remat: bool, optim: OptimizerConfig, steps: int):
     """(jitted step, optimizer), shared by calls with the same model and schedule, so a run
     resumed in the same process (or a second expert on the same base) reuses the compiles."""
-    optimizer = adamw(lr, steps, warmup_ratio=warmup_ratio, weight_decay=weight_decay)
+    optimizer = optim.build(steps)
     return make_train_step(model_cfg, optimizer, remat=remat), optimizer
 
 
@@ -350,9 +177,12 @@ def _compiles(step_fn: Any) -> int:
         return -1
 
 
-def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None = None,
-               restart: bool = False) -> Path:
+def train_lora(cfg: ConfigDict | LoraJob, *, progress: bool = True,
+               stop_after: int | None = None, restart: bool = False) -> Path:
     """Train the LoRA expert ``cfg`` describes; return its exported PEFT adapter directory.
+
+    ``cfg`` is a train-lora ConfigDict (converted by `hfjax.config.to_lora_job`) or a
+    `LoraJob`; either is checked on entry.
 
     Resumes from the latest checkpoint in ``<output_dir>/<task_name>/checkpoints`` when there
     is one (made for the same steps, seed, modules and rank; refused otherwise unless
@@ -366,31 +196,30 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
         RunDiverged: a non-finite loss or non-finite parameters (the last good checkpoint
             is kept).
     """
-    validate_train_config(cfg)
+    job = as_lora_job(cfg)
     t0 = time.time()
-    run_dir = Path(cfg.output_dir) / cfg.task_name
-    model_cfg = ModelConfig.from_hf(cfg.model_path, source=str(Path(cfg.model_path) /
+    run_dir = Path(job.output_dir) / job.task_name
+    model_cfg = ModelConfig.from_hf(job.model_path, source=str(Path(job.model_path) /
                                                                "config.json"))
-    # from_hf accepted the model_type, so the family table has its row.
-    template = template_for(model_cfg.model_type) if cfg.template == "auto" else cfg.template
-    tokenizer = load_tokenizer(cfg.model_path)
-    replay = ReplaySet.load(list(cfg.datasets), cfg.data_root, tokenizer, template,
-                            cfg.cutoff_len)
-    ada_cfg = adapter_config(cfg)
-    names = target_names(model_cfg, cfg.lora.target_modules)
+    template = resolve_template(job.template, model_cfg.model_type, field="template")
+    tokenizer = load_tokenizer(job.model_path)
+    replay = ReplaySet.load(list(job.data.datasets), job.data.data_root, tokenizer, template,
+                            job.data.cutoff_len)
+    ada_cfg = adapter_config(job)
+    names = target_names(model_cfg, job.lora.target_modules)
     scales = {n: jnp.asarray(module_rank_scale(ada_cfg, n)[1], jnp.float32) for n in names}
 
-    tr = cfg.train
+    tr = job.train
     n_batches = num_batches(len(replay), tr.batch_size)
     steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
-    step_fn, optimizer = _train_step_for(model_cfg, bool(tr.remat), float(tr.lr), steps,
-                                         float(tr.warmup_ratio), float(tr.weight_decay))
+    step_fn, optimizer = _train_step_for(model_cfg, bool(tr.remat), job.optim, steps)
     # Every step's lr, on the host once: reading it per step would wait on the device.
-    lrs = np.asarray(cosine_with_warmup(tr.lr, steps, tr.warmup_ratio)(jnp.arange(steps)))
-    base = from_pretrained(cfg.model_path, dtype=resolve_dtype(tr.base_dtype)).params
+    lrs = np.asarray(cosine_with_warmup(job.optim.lr, steps, job.optim.warmup_ratio)(
+        jnp.arange(steps)))
+    base = from_pretrained(job.model_path, dtype=resolve_dtype(tr.base_dtype)).params
     frozen = {"base": base, "scale": scales}
-    params = init_lora(model_cfg, r=cfg.lora.r, target_modules=cfg.lora.target_modules,
-                       key=jax.random.PRNGKey(cfg.seed))
+    params = init_lora(model_cfg, r=job.lora.r, target_modules=job.lora.target_modules,
+                       key=jax.random.PRNGKey(job.seed))
     n_trainable = int(sum(p["A"].size + p["B"].size for p in params.values()))
     state = {"params": params, "opt_state": optimizer.init(params),
              "step": jnp.zeros((), jnp.int32)}
@@ -398,19 +227,18 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     # so a fresh and a resumed run (in one process) share one compile.
     state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
 
-    # Settings read at one place (the lead reconciles this with the typed job configs).
     settings = LoopSettings(total_steps=steps, log_every=tr.log_every,
                             checkpoint_every=tr.checkpoint_every,
                             keep_checkpoints=tr.keep_checkpoints, stop_after=stop_after,
-                            restart=restart, desc=f"train-lora {cfg.task_name}")
-    identity = {"task_name": cfg.task_name, "steps": steps, "seed": cfg.seed,
-                "modules": len(names), "r": cfg.lora.r}
+                            restart=restart, desc=f"train-lora {job.task_name}")
+    identity = {"task_name": job.task_name, "steps": steps, "seed": job.seed,
+                "modules": len(names), "r": job.lora.r}
     pad_id = pad_id_of(tokenizer)
-    buckets = length_buckets(cfg.cutoff_len, cfg.min_bucket)
+    buckets = length_buckets(job.data.cutoff_len, job.data.min_bucket)
 
     def batches(start: int) -> Iterator[Window]:
         stream = micro_batch_stream(replay, batch_size=tr.batch_size, epochs=tr.epochs,
-                                    seed=cfg.seed, buckets=buckets, pad_id=pad_id,
+                                    seed=job.seed, buckets=buckets, pad_id=pad_id,
                                     start=start * tr.grad_accum)
         return windows(stream, accum=tr.grad_accum, batch_size=tr.batch_size, pad_id=pad_id)
 
@@ -427,13 +255,13 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     adapter = to_lora_adapter(state["params"], ada_cfg)
     adapter_dir = save_adapter(adapter, run_dir / ADAPTER_SUBDIR)
     report = {
-        "task_name": cfg.task_name, "model_path": cfg.model_path, "template": template,
+        "task_name": job.task_name, "model_path": job.model_path, "template": template,
         "adapter_dir": str(adapter_dir), "modules": len(names),
         "trainable_params": n_trainable,
         "data": {k: dict(v) for k, v in replay.stats.items()},
         "run": {"steps": steps, "compilations": _compiles(step_fn), **res.timings(),
                 "wall_seconds": round(time.time() - t0, 3)},
-        "config": config_to_dict(cfg),
+        "config": job.to_dict(),
     }
     write_json_atomic(run_dir / "train_report.json", report, default=float)
     return adapter_dir
