@@ -95,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Multi-task chaining: the earlier task whose trained networks initialise this task's
     # ("" = fresh init). Set by load_config from group_name; alphas always start at alpha_init.
     config.fusion.reuse_from = ""
+    # Dtype of the fused modules' A and B in merged_lora/: "float32" (the original: whatever
+    # the target's dtype) or "target" (the target adapter's stored dtype; a bfloat16 target
+    # then rounds B + alpha*dB). Modules that are not fused keep their dtype either way.
+    config.fusion.export_dtype = "float32"
 
     # The RDM regulariser (SPEC §6), a sliced-Wasserstein pull of the embeddings towards
     # relu(N(mu_target, sigma_target)).

@@ -45,6 +45,7 @@ from hfjax.models.key_tables import logical_axes_tree
 from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
+from hfjax.training.fused_export import export_dtype_from, fused_adapter
 from hfjax.training.optim import total_steps
 
 FAMILY_TEMPLATE = {"llama": "llama3", "qwen2": "qwen", "mistral": "mistral"}
@@ -104,6 +105,7 @@ class Inputs:
 
 def prepare(cfg: Any) -> Inputs:
     """Load and check everything that does not need the base weights (fast, for --dry_run)."""
+    export_dtype_from(cfg)  # a bad fusion.export_dtype fails before any work
     target = load_adapter(cfg.target.adapter_path)
     specs = source_specs(cfg)
     if not specs:
@@ -440,8 +442,7 @@ def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseS
            out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Write ``merged_lora/`` (A unchanged, B + α·ΔB on fused modules) and the report dict."""
     new_B, attn = fused_B_numpy(params, frozen, st)
-    fused = inp.target.with_B(new_B)
-    fused.config = {**inp.target.config, "inference_mode": True}
+    fused = fused_adapter(inp.target, new_B, export_dtype_from(cfg))
     adapter_dir = save_adapter(fused, out_dir / "merged_lora")
     delta_norms = {}
     for name, b in new_B.items():
@@ -456,6 +457,8 @@ def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseS
         "template": inp.template,
         "plan": inp.plan.report(),
         "alpha": alpha,
+        "export_dtype": {"option": export_dtype_from(cfg),
+                         "fused_modules": sorted({str(fused.modules[n].B.dtype) for n in new_B})},
         "alpha_times_delta_B_fro": delta_norms,
         "attention_by_source": attention_by_source(inp.plan, inp.sources, attn),
         "trainable_params": param_count(params),
