@@ -137,6 +137,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 1
     # Micro-batches per optimizer step.
     config.train.grad_accum = 8
+    # Which micro-batches each optimizer update sums (hfjax.training.windows): "original" (the
+    # first release: counted per epoch, an epoch's leftover rolls into the next epoch's first
+    # update, every loss / grad_accum, the last leftover dropped, no update if fewer than
+    # grad_accum per epoch) or "continuous" (consecutive windows of grad_accum over all
+    # epochs' stream, each the mean of its micro-batches, at least one update).
+    config.train.windows = "original"
     # Stop after this many optimizer steps (-1 = run all epochs); the schedule still spans
     # the full run, so a capped run is a prefix of the full one.
     config.train.max_steps = -1

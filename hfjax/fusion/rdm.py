@@ -174,8 +174,8 @@ def group_rdm(buckets: Sequence[Mapping[str, Array]], key: Array, **rdm_kwargs: 
     n_modules = 0
     for b, a in enumerate(buckets):
         m = a["z_t"].shape[0]
-        keys = jax.vmap(lambda i, kb=jax.random.fold_in(key, b): jax.random.fold_in(kb, i))(
-            jnp.arange(m))
+        kb = jax.random.fold_in(key, b)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(kb, jnp.arange(m))
         vals = jax.vmap(lambda zt, zs, k: _module_rdm(zt, zs, k, rdm_kwargs))(
             a["z_t"], a["z_s"], keys)
         total = total + jnp.sum(vals)

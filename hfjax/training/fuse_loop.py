@@ -9,8 +9,9 @@ Stages (each fails early with one clear line)::
     export: <output_dir>/<task_name>/merged_lora/ + fusion_report.json + metrics.jsonl
 
 The micro-batch stream is the concatenation of the epochs' shuffled orders; optimizer step
-``s`` consumes micro-batches ``[s·accum, (s+1)·accum)``, so a resumed run re-enters the stream
-exactly where the checkpoint left it (``T = (n_batches · epochs) // accum`` as the original).
+``s`` consumes the micro-batches of window ``s`` (`hfjax.training.windows`: the original's
+per-epoch windows by default, ``train.windows = "continuous"`` for ``[s·accum, (s+1)·accum)``),
+each a range of the stream, so a resumed run re-enters the stream where the checkpoint left it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from hfjax.training import checkpointing
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
 from hfjax.training.fused_export import export_dtype_from, fused_adapter
-from hfjax.training.optim import total_steps
+from hfjax.training.windows import describe as describe_windows
+from hfjax.training.windows import plan_updates, windows_mode_from
 
 FAMILY_TEMPLATE = {"llama": "llama3", "qwen2": "qwen", "mistral": "mistral"}
 
@@ -170,7 +172,9 @@ def dry_run_text(cfg: Any, inp: Inputs) -> str:
     f = cfg.fusion
     lines = [inp.plan.describe(), "", "replay data:", inp.replay.summary(), ""]
     n_batches = num_batches(len(inp.replay), cfg.train.batch_size)
-    steps = total_steps(n_batches, cfg.train.epochs, cfg.train.grad_accum, cfg.train.max_steps)
+    tr, mode = cfg.train, windows_mode_from(cfg)
+    ws, _ = plan_updates(n_batches, tr.grad_accum, tr.epochs, mode, tr.max_steps)
+    steps = len(ws)
     per_group = {g.name: net_param_count(inp.plan.block_size, g.rank, f.embed_dim, f.num_heads,
                                          f.max_pos, f.gate) for g in inp.plan.groups}
     total = sum(per_group.values()) + len(per_group)
@@ -181,6 +185,7 @@ def dry_run_text(cfg: Any, inp: Inputs) -> str:
                  f"{3 * total * 4 / 2**30:.2f} GiB for params + 2 moments, float32)")
     lines.append(f"optimizer steps: {steps} (batches/epoch {n_batches}, epochs "
                  f"{cfg.train.epochs}, accum {cfg.train.grad_accum})")
+    lines.append("  " + describe_windows(ws, tr.grad_accum, n_batches, tr.epochs, mode))
     try:
         from hfjax.memory import memory_plan_text
 
@@ -276,8 +281,10 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
               "contexts": shd.shard_params(inp.contexts, shd.context_specs(inp.contexts), mesh,
                                            rules)}
     n_batches = num_batches(len(inp.replay), tr.batch_size)
-    steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
-    st = statics_from(cfg, inp.plan, inp.model_cfg, steps)
+    ws, schedule_len = plan_updates(n_batches, tr.grad_accum, tr.epochs, windows_mode_from(cfg),
+                                    tr.max_steps)
+    steps = len(ws)  # may be 0 (original windows, fewer micro-batches than accum): no update
+    st = statics_from(cfg, inp.plan, inp.model_cfg, schedule_len)
     optimizer = st.optimizer
     key = jax.random.PRNGKey(cfg.seed)
     init_key, rdm_key = jax.random.split(key)
@@ -315,7 +322,7 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
     buckets = length_buckets(cfg.data.cutoff_len, cfg.data.min_bucket)
     stream = micro_batch_stream(inp.replay, batch_size=tr.batch_size, epochs=tr.epochs,
                                 seed=cfg.seed, buckets=buckets, pad_id=pad_id,
-                                start=start_step * tr.grad_accum)
+                                start=ws[start_step].start if start_step < steps else 0)
     compiles_before = _compiles()
     bar = _progress(total=steps, initial=start_step, enabled=progress, desc=cfg.task_name)
     tokens_seen = 0
@@ -324,10 +331,12 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
     try:
         with metrics_file.open("a") as mf:
             while step < steps:
-                window = [b for _, b in zip(range(tr.grad_accum), stream, strict=False)]
+                window = [b for _, b in zip(range(len(ws[step])), stream, strict=False)]
                 if not window:
                     break
-                batch, weights = stack_window(window, tr.grad_accum, tr.batch_size, pad_id)
+                batch, weights = stack_window(window, max(tr.grad_accum, len(window)),
+                                              tr.batch_size, pad_id)
+                weights = weights * np.float32(ws[step].scale)  # each loss's scale
                 batch = shd.put_tree(batch, shd.batch_sharding(mesh, rules))
                 weights = shd.put(weights, shd.replicated(mesh))
                 prev = state
