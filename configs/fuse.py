@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Multi-task chaining: the earlier task whose trained networks initialise this task's
     # ("" = fresh init). Set by load_config from group_name; alphas always start at alpha_init.
     config.fusion.reuse_from = ""
+    # Dtype of the fused modules' A and B in merged_lora/: "float32" (the original: whatever
+    # the target's dtype) or "target" (the target adapter's stored dtype; a bfloat16 target
+    # then rounds B + alpha*dB). Modules that are not fused keep their dtype either way.
+    config.fusion.export_dtype = "float32"
 
     # The RDM regulariser (SPEC §6), a sliced-Wasserstein pull of the embeddings towards
     # relu(N(mu_target, sigma_target)).
@@ -135,6 +139,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 1
     # Micro-batches per optimizer step.
     config.train.grad_accum = 8
+    # Which micro-batches each optimizer update sums (hfjax.training.windows): "original" (the
+    # first release: counted per epoch, an epoch's leftover rolls into the next epoch's first
+    # update, every loss / grad_accum, the last leftover dropped, no update if fewer than
+    # grad_accum per epoch) or "continuous" (consecutive windows of grad_accum over all
+    # epochs' stream, each the mean of its micro-batches, at least one update).
+    config.train.windows = "original"
     # Stop after this many optimizer steps (-1 = run all epochs); the schedule still spans
     # the full run, so a capped run is a prefix of the full one.
     config.train.max_steps = -1

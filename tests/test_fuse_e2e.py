@@ -35,6 +35,15 @@ def test_dry_run_prints_plan(zoo, tmp_path, capsys):
     assert res.adapter_dir is None
     assert "q_proj" in out and "qwen" in out and "mistral" in out
     assert not (tmp_path / "tiny" / "merged_lora").exists()
+    assert "updates: " in out and "original windows" in out
+    # An accumulation that does not divide the epoch: the dry run names the uneven windows.
+    cfg.train.grad_accum = 5
+    run_fusion(cfg, dry_run=True, progress=False)
+    out = capsys.readouterr().out
+    assert "uneven windows: #" in out and "micro-batches)" in out
+    cfg.train.windows = "continuous"
+    run_fusion(cfg, dry_run=True, progress=False)
+    assert "no uneven windows" in capsys.readouterr().out
 
 
 def test_delta_b_is_zero_before_first_update(zoo, tmp_path):
@@ -58,6 +67,7 @@ def test_loss_falls_and_report_written(full_run):
     assert np.mean(lm[-3:]) < np.mean(lm[:3]), lm
     report = json.loads((res.output_dir / "fusion_report.json").read_text())
     assert set(report["alpha"]) == {g["name"] for g in report["plan"]["groups"]}
+    assert report["export_dtype"] == {"option": "float32", "fused_modules": ["float32"]}
     assert report["run"]["compilations"] <= 3
     att = report["attention_by_source"]["q_proj_r4"]["mean"]
     assert set(att) == {"qwen", "mistral"} and abs(sum(att.values()) - 1) < 1e-4 or True

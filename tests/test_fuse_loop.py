@@ -88,6 +88,20 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(zoo, tmp_path, monkeypa
     assert steps[-1] == 2
 
 
+def test_no_update_when_an_epoch_is_shorter_than_accum(zoo, tmp_path):
+    """Original windows (SPEC §7): fewer micro-batches per epoch than accum -> no update, and
+    the export is the target unchanged (ΔB is zero at init)."""
+    from bridge import load_adapter
+
+    cfg = tiny_fuse_config(zoo, tmp_path)
+    cfg.train.grad_accum = 64
+    res = fuse_loop.run_fusion(cfg, progress=False)
+    assert res.steps == 0 and res.history == [] and res.report["run"]["steps_this_call"] == 0
+    target, fused = load_adapter(zoo["target_adapter"]), load_adapter(res.adapter_dir)
+    for name, m in target.modules.items():
+        np.testing.assert_array_equal(fused.modules[name].B, m.B)
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     rc = cli.main(["fuse", "--config", str(tmp_path / "missing.py")])
     err = capsys.readouterr().err.strip()

@@ -111,22 +111,40 @@ def test_keys_drive_randomness():
 
 
 def test_average_rdm_combines_groups_and_buckets():
-    zs = [jnp.asarray(embeddings(i, (2, 3, 16))) for i in range(6)]
+    """A group of one bucket pools z over its modules into ONE L; a group of several buckets
+    (modules with different token counts) is the mean over its modules of L(z_t,m) + L(z_s,m),
+    as the original's module-by-module loop. (Changed from the former bucket mean, which
+    differed from the original on mixed groups.)"""
+    zs = [jnp.asarray(embeddings(i, (2, 3 + i % 2, 16))) for i in range(6)]
+    zs[2] = jnp.asarray(embeddings(2, (3, 2, 16)))  # bucket 1 of q: 3 modules, 2 tokens
+    zs[3] = jnp.asarray(embeddings(3, (3, 5, 16)))
     aux = {"q_proj_r4": [{"z_t": zs[0], "z_s": zs[1]}, {"z_t": zs[2], "z_s": zs[3]}],
            "v_proj_r4": [{"z_t": zs[4], "z_s": zs[5]}]}
     key = jax.random.key(5)
 
-    def pair(name, b, zt, zs_):
-        k_t, k_s = jax.random.split(jax.random.fold_in(group_key(key, name), b))
-        return rdm_loss(zt, k_t, **KW) + rdm_loss(zs_, k_s, **KW)
+    def module(name, b, i, zt, zs_):
+        k_t, k_s = jax.random.split(
+            jax.random.fold_in(jax.random.fold_in(group_key(key, name), b), i))
+        return rdm_loss(zt[i], k_t, **KW) + rdm_loss(zs_[i], k_s, **KW)
 
-    q = (pair("q_proj_r4", 0, zs[0], zs[1]) + pair("q_proj_r4", 1, zs[2], zs[3])) / 2
-    v = pair("v_proj_r4", 0, zs[4], zs[5])
+    per_module = ([module("q_proj_r4", 0, i, zs[0], zs[1]) for i in range(2)]
+                  + [module("q_proj_r4", 1, i, zs[2], zs[3]) for i in range(3)])
+    q = sum(per_module) / 5  # weighted by modules, not a mean of the two bucket means
+    k_t, k_s = jax.random.split(jax.random.fold_in(group_key(key, "v_proj_r4"), 0))
+    v = rdm_loss(zs[4], k_t, **KW) + rdm_loss(zs[5], k_s, **KW)  # pooled over both modules
     got = average_rdm(aux, key, **KW)
     np.testing.assert_allclose(got, (q + v) / 2, rtol=1e-6)
+    bucket_mean = (sum(per_module[:2]) / 2 + sum(per_module[2:]) / 3) / 2
+    assert abs(float(q) - float(bucket_mean)) > 1e-4 * float(q)  # the two rules differ here
     # The order of the groups in the dict does not matter (jit returns sorted dicts).
     rev = {"v_proj_r4": aux["v_proj_r4"], "q_proj_r4": aux["q_proj_r4"]}
     assert float(average_rdm(rev, key, **KW)) == float(got)
+    # Groups of the same shapes are vmapped together: same values as one group at a time.
+    twin = {"q_proj_r4": aux["q_proj_r4"], "k_proj_r4": aux["q_proj_r4"]}
+    k_only = average_rdm({"k_proj_r4": aux["q_proj_r4"]}, key, **KW)
+    np.testing.assert_allclose(average_rdm(twin, key, **KW),
+                               (k_only + average_rdm({"q_proj_r4": aux["q_proj_r4"]}, key,
+                                                     **KW)) / 2, rtol=1e-6)
 
 
 def test_bad_options_are_refused():

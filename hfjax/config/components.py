@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hfjax.config.problems import ConfigError, is_number, problem, raise_problems
+from hfjax.training.accumulation import WINDOW_MODES
 from hfjax.training.templates import TEMPLATES as _TEMPLATE_REGISTRY
 
 __all__ = [
@@ -412,6 +413,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # checkpoints kept on disk
     remat: bool = False  # rematerialise the decoder layers in the backward pass
     base_dtype: str = "bfloat16"  # dtype of the frozen base weights
+    # Accumulation windows: "original" (per-epoch, as the first release) or "continuous".
+    windows: str = "original"
 
     def check(self, *, at: str = "train") -> list[str]:
         c = _Checks(at)
@@ -422,6 +425,7 @@ class TrainConfig:
         if isinstance(steps, bool) or not isinstance(steps, int) or not (steps == -1 or steps > 0):
             c.bad("max_steps", steps, "must be -1 (all epochs) or positive")
         c.choice("base_dtype", self.base_dtype, BASE_DTYPES)
+        c.choice("windows", self.windows, WINDOW_MODES)
         return c.problems
 
 

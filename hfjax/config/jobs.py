@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hfjax.config.components import (
+    EXPORT_DTYPES,
     DataSpec,
     LoraSpec,
     MeshConfig,
@@ -80,6 +81,7 @@ class FuseJob:
     group_name: str  # ``fusion.group_name``: networks are shared by tasks of one group
     reuse_from: str = ""  # ``fusion.reuse_from``: earlier task whose networks start this one
     zero_sources: bool = False  # ``fusion.zero_sources``: the zero-source ablation
+    export_dtype: str = "float32"  # ``fusion.export_dtype``: dtype of the fused factors
 
     @property
     def run_dir(self) -> str:
@@ -94,6 +96,9 @@ class FuseJob:
         out += self.data.check(check_paths=check_paths)
         out += self.plan.check()
         out += self.net.check()
+        if self.export_dtype not in EXPORT_DTYPES:
+            out.append(problem("fusion.export_dtype", self.export_dtype,
+                               f"must be one of {', '.join(EXPORT_DTYPES)}"))
         if not isinstance(self.group_name, str) or not self.group_name:
             out.append(problem("fusion.group_name", self.group_name, "must be set"))
         out += self.rdm.check()
@@ -179,7 +184,7 @@ def _train(tr: Any) -> TrainConfig:
                        max_steps=tr.max_steps, log_every=tr.log_every,
                        checkpoint_every=tr.checkpoint_every,
                        keep_checkpoints=tr.keep_checkpoints, remat=tr.remat,
-                       base_dtype=tr.base_dtype)
+                       base_dtype=tr.base_dtype, windows=tr.get("windows", "original"))
 
 
 def _data(root: Any, datasets: Any, cutoff_len: Any, min_bucket: Any) -> DataSpec:
@@ -211,6 +216,7 @@ def fuse_job_from(cfg: ConfigDict) -> tuple[FuseJob, list[str]]:
         mesh=MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor,
                         rules=tuple(tuple(x) if isinstance(x, list) else x for x in m.rules)),
         group_name=f.group_name, reuse_from=f.reuse_from, zero_sources=bool(f.zero_sources),
+        export_dtype=f.get("export_dtype", "float32"),
     )
     return job, problems
 

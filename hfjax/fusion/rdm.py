@@ -151,26 +151,52 @@ def group_key(key: Array, group: str) -> Array:
     return jax.random.fold_in(key, zlib.crc32(group.encode()) & 0x7FFFFFFF)
 
 
+def _module_rdm(zt: Array, zs: Array, key: Array, rdm_kwargs: Mapping[str, Any]) -> Array:
+    """``L(z_t,m) + L(z_s,m)`` for one module's ``z_t (n_t, E)``, ``z_s (n_s, E)``."""
+    k_t, k_s = jax.random.split(key)
+    return rdm_loss(zt, k_t, **rdm_kwargs) + rdm_loss(zs, k_s, **rdm_kwargs)
+
+
+def group_rdm(buckets: Sequence[Mapping[str, Array]], key: Array, **rdm_kwargs: Any) -> Array:
+    """One group's ``rdm_g``, as the first release computes it (SPEC §6).
+
+    One bucket (every module has the same token counts: the original stacks the group into
+    one batch): ``L(z_t) + L(z_s)`` with ``z`` pooled over all the group's modules, keys
+    ``split(fold_in(key, 0))``. Several buckets (the original runs module by module): the mean
+    over the group's modules ``m`` of ``L(z_t,m) + L(z_s,m)``, vmapped over each bucket's
+    modules; module ``i`` of bucket ``b`` uses ``split(fold_in(fold_in(key, b), i))``.
+    """
+    if len(buckets) == 1:
+        k_t, k_s = jax.random.split(jax.random.fold_in(key, 0))
+        return (rdm_loss(buckets[0]["z_t"], k_t, **rdm_kwargs)
+                + rdm_loss(buckets[0]["z_s"], k_s, **rdm_kwargs))
+    total = jnp.zeros((), jnp.float32)
+    n_modules = 0
+    for b, a in enumerate(buckets):
+        m = a["z_t"].shape[0]
+        kb = jax.random.fold_in(key, b)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(kb, jnp.arange(m))
+        vals = jax.vmap(lambda zt, zs, k: _module_rdm(zt, zs, k, rdm_kwargs))(
+            a["z_t"], a["z_s"], keys)
+        total = total + jnp.sum(vals)
+        n_modules += m
+    return total / n_modules
+
+
 def average_rdm(aux: Mapping[str, Sequence[Mapping[str, Array]]], key: Array,
                 **rdm_kwargs: Any) -> Array:
-    """``avg_rdm = mean over groups of rdm_g``, ``rdm_g = mean over buckets of L(z_t) + L(z_s)``.
+    """``avg_rdm = mean over groups of rdm_g`` (``rdm_g``: see `group_rdm`).
 
-    Keys: bucket ``b`` of group ``g`` uses ``k = fold_in(group_key(key, g), b)`` and
-    ``k_t, k_s = split(k)``. The result does not depend on the order of ``aux``'s keys (a
-    jitted function returns dicts with sorted keys). Fold the step (and micro-batch) into
-    ``key`` before calling, so that every call draws afresh.
+    Group ``g`` uses ``group_key(key, g)``. The result does not depend on the order of
+    ``aux``'s keys (a jitted function returns dicts with sorted keys). Fold the step (and
+    micro-batch) into ``key`` before calling, so that every call draws afresh.
     """
     if not aux:
         raise FusionError("average_rdm needs at least one group")
     names = sorted(aux)
 
     def group_value(buckets: Sequence[Mapping[str, Array]], kg: Array) -> Array:
-        vals = []
-        for b, a in enumerate(buckets):
-            k_t, k_s = jax.random.split(jax.random.fold_in(kg, b))
-            vals.append(rdm_loss(a["z_t"], k_t, **rdm_kwargs)
-                        + rdm_loss(a["z_s"], k_s, **rdm_kwargs))
-        return sum(vals) / len(vals)
+        return group_rdm(buckets, kg, **rdm_kwargs)
 
     # Groups whose z's have the same shapes are evaluated as one vmapped call (same keys,
     # same values as one call per group).

@@ -9,10 +9,10 @@ Stages (each fails early with one clear line)::
     the loop (hfjax.training.loop): resume, checkpoints, metrics.jsonl, finite checks
     export: <output_dir>/<task_name>/merged_lora/ + fusion_report.json + metrics.jsonl
 
-The micro-batch stream is the concatenation of the epochs' shuffled orders
-(`hfjax.training.windows`); optimizer step ``s`` consumes micro-batches
-``[s·accum, (s+1)·accum)``, so a resumed run re-enters the stream exactly where the
-checkpoint left it (``T = (n_batches · epochs) // accum`` as the original).
+The micro-batch stream is the concatenation of the epochs' shuffled orders; optimizer step
+``s`` consumes the micro-batches of window ``s`` (`hfjax.training.accumulation`: the original's
+per-epoch windows by default, ``train.windows = "continuous"`` for ``[s·accum, (s+1)·accum)``),
+each a range of the stream, so a resumed run re-enters the stream where the checkpoint left it.
 """
 
 from __future__ import annotations
@@ -45,16 +45,17 @@ from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.key_tables import logical_axes_tree
 from hfjax.sources import load_sources
+from hfjax.training.accumulation import describe as describe_windows
+from hfjax.training.accumulation import plan_updates
 from hfjax.training.data import ReplaySet, length_buckets, num_batches
 from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
+from hfjax.training.fused_export import fused_adapter
 from hfjax.training.loop import LoopSettings, run_loop
-from hfjax.training.optim import total_steps
-from hfjax.training.windows import (  # noqa: F401 - stack_window: re-exported
+from hfjax.training.windows import (  # noqa: F401 - micro_batch_stream: re-exported
     Window,
     micro_batch_stream,
     pad_id_of,
     stack_window,
-    windows,
 )
 
 ConfigDict = ml_collections.ConfigDict
@@ -121,8 +122,10 @@ def dry_run_text(cfg: ConfigDict | FuseJob, inp: Inputs) -> str:
     job = _job(cfg)
     f, tr = job.net, job.train
     lines = [inp.plan.describe(), "", "replay data:", inp.replay.summary(), ""]
-    n_batches = num_batches(len(inp.replay), tr.batch_size)
-    steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
+    n_batches = num_batches(len(inp.replay), job.train.batch_size)
+    tr = job.train
+    ws, _ = plan_updates(n_batches, tr.grad_accum, tr.epochs, tr.windows, tr.max_steps)
+    steps = len(ws)
     per_group = {g.name: net_param_count(inp.plan.block_size, g.rank, f.embed_dim, f.num_heads,
                                          f.max_pos, f.gate) for g in inp.plan.groups}
     total = sum(per_group.values()) + len(per_group)
@@ -133,6 +136,7 @@ def dry_run_text(cfg: ConfigDict | FuseJob, inp: Inputs) -> str:
                  f"{3 * total * 4 / 2**30:.2f} GiB for params + 2 moments, float32)")
     lines.append(f"optimizer steps: {steps} (batches/epoch {n_batches}, epochs "
                  f"{tr.epochs}, accum {tr.grad_accum})")
+    lines.append("  " + describe_windows(ws, tr.grad_accum, n_batches, tr.epochs, tr.windows))
     try:
         from hfjax.memory import memory_plan_text
 
@@ -222,8 +226,10 @@ def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bo
               "contexts": shd.shard_params(inp.contexts, shd.context_specs(inp.contexts), mesh,
                                            rules)}
     n_batches = num_batches(len(inp.replay), tr.batch_size)
-    steps = total_steps(n_batches, tr.epochs, tr.grad_accum, tr.max_steps)
-    st = statics_from(job, inp.plan, inp.model_cfg, steps)
+    ws, schedule_len = plan_updates(n_batches, tr.grad_accum, tr.epochs, tr.windows,
+                                    tr.max_steps)
+    steps = len(ws)  # may be 0 (original windows, fewer micro-batches than accum): no update
+    st = statics_from(job, inp.plan, inp.model_cfg, schedule_len)
     optimizer = st.optimizer
     key = jax.random.PRNGKey(job.seed)
     init_key, rdm_key = jax.random.split(key)
@@ -251,13 +257,22 @@ def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bo
     batch_sh, rep_sh = shd.batch_sharding(mesh, rules), shd.replicated(mesh)
 
     def batches(start: int) -> Iterator[Window]:
+        if start >= steps:
+            return
         stream = micro_batch_stream(inp.replay, batch_size=tr.batch_size, epochs=tr.epochs,
                                     seed=job.seed, buckets=buckets, pad_id=pad_id,
-                                    start=start * tr.grad_accum)
-        for w in windows(stream, accum=tr.grad_accum, batch_size=tr.batch_size,
-                         pad_id=pad_id):
-            yield Window(shd.put_tree(w.batch, batch_sh), shd.put(w.weights, rep_sh),
-                         w.tokens)
+                                    start=ws[start].start)
+        for w in ws[start:]:
+            items = [b for _, b in zip(range(len(w)), stream, strict=False)]
+            if not items:
+                return
+            # Pad to one shape (a window may hold more than accum micro-batches: the
+            # original's epoch leftovers); each micro-batch loss is scaled by the window's.
+            batch, weights = stack_window(items, max(tr.grad_accum, len(items)),
+                                          tr.batch_size, pad_id)
+            weights = weights * np.float32(w.scale)
+            tokens = int(sum(int(b["attention_mask"].sum()) for b in items))
+            yield Window(shd.put_tree(batch, batch_sh), shd.put(weights, rep_sh), tokens)
 
     def step_fn(state: Any, w: Window) -> tuple[Any, Any]:
         with shd.mesh_context(mesh, rules):
@@ -344,8 +359,7 @@ def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: F
            out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Write ``merged_lora/`` (A unchanged, B + α·ΔB on fused modules) and the report dict."""
     new_B, attn = fused_B_numpy(params, frozen, st)
-    fused = inp.target.with_B(new_B)
-    fused.config = {**inp.target.config, "inference_mode": True}
+    fused = fused_adapter(inp.target, new_B, job.export_dtype)
     adapter_dir = save_adapter(fused, out_dir / "merged_lora")
     delta_norms = {}
     for name, b in new_B.items():
@@ -360,6 +374,8 @@ def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: F
         "template": inp.template,
         "plan": inp.plan.report(),
         "alpha": alpha,
+        "export_dtype": {"option": job.export_dtype,
+                         "fused_modules": sorted({str(fused.modules[n].B.dtype) for n in new_B})},
         "alpha_times_delta_B_fro": delta_norms,
         "attention_by_source": attention_by_source(inp.plan, inp.sources, attn),
         "trainable_params": param_count(params),

@@ -2,9 +2,13 @@
 
 One call = one optimizer update over an accumulation window of ``accum`` micro-batches::
 
-    micro_batches: {"input_ids", "attention_mask", "labels"}  each (accum, B, L)
-    weights:       (accum,)  1 for a real micro-batch, 0 for filler
-    loss = Σ_i w_i (LM_i + λ · avg_rdm_i) / Σ_i w_i
+    micro_batches: {"input_ids", "attention_mask", "labels"}  each (n, B, L)
+    weights:       (n,)  each micro-batch's loss scale (0 for filler)
+    loss = Σ_i w_i (LM_i + λ · avg_rdm_i)
+
+The scales come from `hfjax.training.windows`: ``1/accum`` per micro-batch in the original's
+windows (a window that holds more than ``accum`` micro-batches sums to more than one mean),
+``1/n_real`` in the continuous ones.
 
 The transfer networks' parameters change only at an update and their inputs (the block
 contexts) are constant, so ΔB and z are identical for every micro-batch of a window. We
@@ -82,7 +86,8 @@ def run_networks(params: dict[str, Any], frozen: dict[str, Any], st: FuseStatics
 def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches: dict,
                    weights: jax.Array, key: jax.Array, st: FuseStatics
                    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    """Window loss and its gradient w.r.t. the trained params (networks + α's)."""
+    """Window loss ``Σ w_i (LM_i + λ·avg_rdm_i)`` and its gradient w.r.t. the trained params
+    (networks + α's)."""
     (new_B, zs), vjp_fn = jax.vjp(lambda p: run_networks(p, frozen, st)[:2], params)
     adapter = frozen["adapter"]
 
@@ -107,12 +112,10 @@ def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches
     n_micro = weights.shape[0]
     (lm_sum, rdm_sum, g_b, g_z), _ = jax.lax.scan(
         micro, zeros, (micro_batches, weights, jnp.arange(n_micro)))
-    n = jnp.maximum(jnp.sum(weights), 1.0)
-    scale_z = st.rdm.lambda_reg / n
-    (grads,) = vjp_fn((jax.tree.map(lambda g: g / n, g_b),
-                       jax.tree.map(lambda g: g * scale_z, g_z)))
-    metrics = {"lm_loss": lm_sum / n, "rdm": rdm_sum / n,
-               "loss": (lm_sum + st.rdm.lambda_reg * rdm_sum) / n}
+    (grads,) = vjp_fn((g_b, jax.tree.map(lambda g: g * st.rdm.lambda_reg, g_z)))
+    w_sum = jnp.maximum(jnp.sum(weights), 1e-30)
+    metrics = {"lm_loss": lm_sum / w_sum, "rdm": rdm_sum / w_sum,  # weighted means (logs)
+               "loss": lm_sum + st.rdm.lambda_reg * rdm_sum}  # the objective of this update
     return grads, metrics
 
 
