@@ -31,6 +31,7 @@ import numpy as np
 from flax import linen as nn
 
 from bridge import LoraAdapter, load_adapter, save_adapter
+from hfjax import distributed as dist
 from hfjax import sharding as shd
 from hfjax.fusion import (
     FusionPlan,
@@ -304,7 +305,7 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
                              f" total steps, this config gives {steps}; use another output_dir")
     start_step = int(state["step"])
     metrics_file = out_dir / "metrics.jsonl"
-    if start_step == 0 and metrics_file.exists():
+    if start_step == 0 and metrics_file.exists() and dist.is_primary():
         metrics_file.unlink()
 
     pad_id = inp.tokenizer.pad_token_id
@@ -320,7 +321,8 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
     t_train = time.time()
     step = start_step
     try:
-        with metrics_file.open("a") as mf:
+        # Multi-host: one writer per shared file (process 0); the others log to nowhere.
+        with (metrics_file if dist.is_primary() else Path(os.devnull)).open("a") as mf:
             while step < steps:
                 window = [b for _, b in zip(range(tr.grad_accum), stream, strict=False)]
                 if not window:
@@ -372,7 +374,9 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
                      "tokens_this_call": tokens_seen,
                      "tokens_per_second": round(tokens_seen / max(train_time, 1e-9), 2),
                      "resumed_from_step": start_step, "wall_seconds": round(time.time() - t0, 3)}
-    _write_json_atomic(out_dir / "fusion_report.json", report)
+    if dist.is_primary():
+        _write_json_atomic(out_dir / "fusion_report.json", report)
+    dist.barrier("fusion-outputs")  # the others return once process 0's files are written
     return FusionResult(out_dir, adapter_dir, report, steps, _compiles() - compiles_before, history)
 
 
@@ -384,8 +388,9 @@ def save_networks(params: Any, out_dir: Path) -> Path:
     import orbax.checkpoint as ocp
 
     path = (out_dir / NETS_DIR).absolute()
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, jax.device_get(params["nets"]), force=True)
+    nets = dist.gather_to_host(params["nets"])  # host numpy (a collective on multi-host)
+    with ocp.StandardCheckpointer() as ckptr:  # every process calls it; orbax picks a writer
+        ckptr.save(path, nets, force=True)
     return path
 
 
@@ -433,7 +438,9 @@ _run_networks_jit = jax.jit(run_networks, static_argnums=2)
 def fused_B_numpy(params: Any, frozen: dict[str, Any], st: FuseStatics
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     new_B, _, attn = _run_networks_jit(params, frozen, st)
-    return {k: np.asarray(v) for k, v in new_B.items()}, jax.device_get(attn)
+    # Multi-host, the outputs are sharded across processes: all-gather them to every host.
+    new_B, attn = dist.gather_to_host((new_B, attn))
+    return dict(new_B), attn
 
 
 def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseStatics,
@@ -442,7 +449,9 @@ def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseS
     new_B, attn = fused_B_numpy(params, frozen, st)
     fused = inp.target.with_B(new_B)
     fused.config = {**inp.target.config, "inference_mode": True}
-    adapter_dir = save_adapter(fused, out_dir / "merged_lora")
+    adapter_dir = out_dir / "merged_lora"
+    if dist.is_primary():  # one writer (the B's are already gathered on every process)
+        adapter_dir = save_adapter(fused, adapter_dir)
     delta_norms = {}
     for name, b in new_B.items():
         b0 = np.asarray(inp.target.modules[name].B, np.float32)
