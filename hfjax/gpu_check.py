@@ -75,6 +75,12 @@ def _share(flops_per_s: float, peak: tuple[str, float, float] | None) -> str:
             f"{100 * flops_per_s / (peak[2] * 1e12):.1f}% of f32 peak")
 
 
+def _rate(flops_per_s: float) -> str:
+    if flops_per_s >= 1e12:
+        return f"{flops_per_s / 1e12:.2f} TFLOP/s"
+    return f"{flops_per_s / 1e9:.2f} GFLOP/s"
+
+
 def _median_time(fn: Callable[[], None], n: int) -> float:
     times = []
     for _ in range(n):
@@ -117,9 +123,9 @@ def bench_section(small: bool, peak: Any, tmp: Path) -> list[str]:
              f"lm {jx.lm_compile_s:.1f} s",
              f"  step (1 update, accum {c.accum}) {t['step'] * 1e3:.1f} ms",
              f"  network fwd+bwd+RDM {t['network'] * 1e3:.1f} ms = "
-             f"{f_net / t['network'] / 1e12:.2f} TFLOP/s ({_share(f_net / t['network'], peak)})",
+             f"{_rate(f_net / t['network'])} ({_share(f_net / t['network'], peak)})",
              f"  LM (1 micro-batch)  {t['lm'] * 1e3:.1f} ms = "
-             f"{f_lm / t['lm'] / 1e12:.2f} TFLOP/s ({_share(f_lm / t['lm'], peak)})"]
+             f"{_rate(f_lm / t['lm'])} ({_share(f_lm / t['lm'], peak)})"]
     return lines
 
 
@@ -206,7 +212,7 @@ def step_section(job: dict[str, Any], small: bool) -> tuple[list[str], float]:
     n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(job["base"]))
     A, B, L = np.shape(job["batch"]["input_ids"])
     what = "tiny Llama (--small)" if small else "Llama-3.2-1B shapes"
-    lines = [f"fuse step, {what}: {n_base / 1e9:.2f} B base params bf16, "
+    lines = [f"fuse step, {what}: {n_base / 1e6:.1f} M base params bf16, "
              f"{len(job['plan'].fused_modules)} fused modules, micro-batch {B}x{L}, accum {A}",
              f"  compile {compile_s:.1f} s, step {step_s * 1e3:.1f} ms, loss {loss:.4f} -> "
              f"{float(m2['loss']):.4f}"]

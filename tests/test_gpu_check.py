@@ -37,5 +37,5 @@ def test_gpu_check_runs_on_cpu_small():
     assert re.search(r"fuse step, tiny Llama .*\n  compile [\d.]+ s, step [\d.]+ ms", out)
     assert "planned" in out and "compile cache" in out and ": HIT" in out, out
     m = re.search(r"sharded step over 2 device\(s\).*\|diff\| vs unsharded ([\d.e+-]+)\)", out)
-    assert m and float(m.group(1)) <= 1e-4, out
-    assert re.search(r"network fwd\+bwd\+RDM [\d.]+ ms = [\d.]+ TFLOP/s", out), out
+    assert m and float(m.group(1)) <= 1e-3, out  # bf16 base: reductions split in two
+    assert re.search(r"network fwd\+bwd\+RDM [\d.]+ ms = [\d.]+ [GT]FLOP/s", out), out
