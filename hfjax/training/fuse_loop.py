@@ -316,7 +316,8 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
                                 seed=cfg.seed, buckets=buckets, pad_id=pad_id,
                                 start=start_step * tr.grad_accum)
     compiles_before = _compiles()
-    bar = _progress(total=steps, initial=start_step, enabled=progress, desc=cfg.task_name)
+    bar = _progress(total=steps, initial=start_step, enabled=progress and dist.is_primary(),
+                    desc=cfg.task_name)
     tokens_seen = 0
     t_train = time.time()
     step = start_step
