@@ -128,6 +128,7 @@ class SafetensorsFile:
             raise self._bad("__metadata__ must map strings to strings")
         self.metadata: dict[str, str] = meta
         self._data_start = 8 + n
+        self.bytes_read = 0  # tensor bytes read so far (headers not counted)
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for key, info in header.items():
             try:
@@ -191,6 +192,37 @@ class SafetensorsFile:
         arr = np.empty(shape, dtype=dtype)
         if end > begin:
             self._read_at(self._data_start + begin, end - begin, out=arr.reshape(-1).view(np.uint8))
+            self.bytes_read += end - begin
+        return arr
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``tensor[index]`` (unit-step slices, one per leading axis) reading only those bytes:
+        one positioned read per contiguous run, so a multi-host loader reads just its shards.
+        """
+        dtype = self.dtype(key)
+        _, shape, begin, _ = self._entries[key]
+        if not shape:
+            return self.read(key)
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        bounds = [slice(sl.start, sl.stop).indices(n)[:2] for sl, n in zip(index, shape,
+                                                                          strict=True)]
+        out_shape = tuple(max(0, hi - lo) for lo, hi in bounds)
+        arr = np.empty(out_shape, dtype=dtype)
+        if not arr.size:
+            return arr
+        # Axes after the last partial one are whole: each run spans them contiguously.
+        partial = [i for i, (lo, hi) in enumerate(bounds) if (lo, hi) != (0, shape[i])]
+        k = partial[-1] if partial else 0
+        inner = math.prod(shape[k + 1:])
+        run = out_shape[k] * inner * dtype.itemsize
+        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        flat = arr.reshape(-1).view(np.uint8)
+        for n, outer in enumerate(np.ndindex(*out_shape[:k])):
+            first = sum((bounds[i][0] + j) * strides[i] for i, j in enumerate(outer))
+            first += bounds[k][0] * strides[k]
+            self._read_at(self._data_start + begin + first * dtype.itemsize, run,
+                          out=flat[n * run:(n + 1) * run])
+        self.bytes_read += arr.nbytes
         return arr
 
     def close(self) -> None:
@@ -276,6 +308,15 @@ class CheckpointReader:
         if dtype is not None and arr.dtype != np.dtype(dtype):
             arr = arr.astype(dtype)
         return arr
+
+    def get_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Read only ``tensor[index]`` of tensor ``key`` (stored dtype; see `read_slice`)."""
+        return self._locate(key).read_slice(key, index)
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read through this reader so far, over all its files."""
+        return sum(f.bytes_read for f in (self._files or {}).values())
 
     def _locate(self, key: str) -> SafetensorsFile:
         if self._files is None:

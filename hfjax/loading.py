@@ -8,6 +8,10 @@ most one tensor beyond what has already been placed; the full model never exists
 Tensors are read largest first and glibc's heap is trimmed once every `_TRIM_EVERY` bytes read,
 so the peak RSS that loading adds is ~1.01x the parameters (`scripts/bench.py` measures it).
 
+Multi-host (a mesh spanning several processes), each process reads only the bytes of its
+own shards (`bridge`'s ``get_slice``: one positioned read per contiguous run), never the
+whole tensor; ``stats["bytes_read"]`` reports the tensor bytes a load read.
+
 Export walks the same table the other way and writes with `bridge.save_checkpoint`.
 """
 
@@ -64,13 +68,37 @@ def _place(x: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def _place_own_shards(reader: Any, spec: Any, dtype: Any, sharding: NamedSharding
+                      ) -> jax.Array:
+    """Read and place only this process's shards of one tensor (multi-host loading)."""
+    hf = tuple(reader.shape(spec.hf))
+    ours = hf[::-1] if spec.transpose else hf
+    cache: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+
+    def bounds(idx: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
+        return tuple(sl.indices(n)[:2] for sl, n in zip(idx, ours, strict=True))
+
+    for idx in sharding.addressable_devices_indices_map(ours).values():
+        b = bounds(tuple(idx) + (slice(None),) * (len(ours) - len(idx)))
+        if b in cache:
+            continue
+        hf_b = b[::-1] if spec.transpose else b
+        x = spec.to_ours(reader.get_slice(spec.hf, tuple(slice(lo, hi) for lo, hi in hf_b)))
+        cache[b] = np.ascontiguousarray(x if dtype is None else x.astype(dtype))
+    return jax.make_array_from_callback(
+        ours, sharding,
+        lambda idx: cache[bounds(tuple(idx) + (slice(None),) * (len(ours) - len(idx)))])
+
+
 def from_pretrained(path: str | Path, dtype: Any = None, *, mesh: Mesh | None = None,
-                    rules: Sequence[tuple[str, Any]] | None = None) -> Decoder:
+                    rules: Sequence[tuple[str, Any]] | None = None,
+                    stats: dict[str, int] | None = None) -> Decoder:
     """Load an HF Llama / Qwen2 / Mistral checkpoint directory into a `Decoder`.
 
     ``dtype``: parameter (and compute) dtype, e.g. ``jnp.float32`` or ``"bfloat16"``; ``None``
     keeps each tensor's stored dtype. ``mesh`` + ``rules`` (logical axis -> mesh axes) place
-    every tensor straight into its sharding.
+    every tensor straight into its sharding (multi-host: reading only this process's shards).
+    ``stats``: a dict that receives ``bytes_read`` (tensor bytes read from disk).
     """
     path = Path(path)
     dtype = resolve_dtype(dtype)
@@ -107,15 +135,21 @@ def from_pretrained(path: str | Path, dtype: Any = None, *, mesh: Mesh | None = 
         by_size = sorted(table, key=lambda sp: -int(np.prod(reader.shape(sp.hf))))
         untrimmed = 0
         for spec in by_size:
+            sharding = _sharding_for(spec.axes, mesh, rules)
+            if sharding is not None and not sharding.is_fully_addressable:
+                set_path(params, spec.ours, _place_own_shards(reader, spec, dtype, sharding))
+                continue
             x = spec.to_ours(reader.get(spec.hf))
             if dtype is not None:
                 x = x.astype(dtype)
-            set_path(params, spec.ours, _place(x, _sharding_for(spec.axes, mesh, rules)))
+            set_path(params, spec.ours, _place(x, sharding))
             untrimmed += x.nbytes
             del x
             if untrimmed >= _TRIM_EVERY:
                 _trim_host_heap()
                 untrimmed = 0
+        if stats is not None:
+            stats["bytes_read"] = reader.bytes_read
     return Decoder(config=cfg, params=params, path=str(path))
 
 

@@ -44,7 +44,11 @@ Multi-host: call `maybe_initialize_distributed()` before any other JAX call. It 
 
 ``HFJAX_DISTRIBUTED=0`` disables it. Every process then builds the same mesh over all global
 devices; arrays are created with `jax.make_array_from_callback` (here and in
-`hfjax.loading.from_pretrained`), so each process only materialises its addressable shards.
+`hfjax.loading.from_pretrained`, which also reads only those shards from disk), so each
+process only materialises its addressable shards. On CPU hosts the collectives are gloo (jax
+0.10's default ``jax_cpu_collectives_implementation``). Results leave the devices through
+`hfjax.distributed.gather_to_host`, and only `hfjax.distributed.is_primary` writes shared
+files; launching is described in ``docs/multihost.md``.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from bridge import LoraAdapter, load_adapter, save_adapter
+from hfjax import distributed as dist
 from hfjax import sharding as shd
 from hfjax.atomic import write_json_atomic
 from hfjax.config import FuseJob, as_fuse_job, resolve_template, to_fuse_job
@@ -290,7 +291,9 @@ def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bo
     save_networks(state["params"], out_dir)
     report["run"] = {"steps": steps, "compilations": _compiles() - compiles_before,
                      **res.timings(), "wall_seconds": round(time.time() - t0, 3)}
-    write_json_atomic(out_dir / "fusion_report.json", report, default=float)
+    if dist.is_primary():
+        write_json_atomic(out_dir / "fusion_report.json", report, default=float)
+    dist.barrier("fusion-outputs")  # the others return once process 0's files are written
     return FusionResult(out_dir, adapter_dir, report, steps, _compiles() - compiles_before,
                         res.history)
 
@@ -303,8 +306,9 @@ def save_networks(params: Any, out_dir: Path) -> Path:
     import orbax.checkpoint as ocp
 
     path = (out_dir / NETS_DIR).absolute()
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, jax.device_get(params["nets"]), force=True)
+    nets = dist.gather_to_host(params["nets"])  # host numpy (a collective on multi-host)
+    with ocp.StandardCheckpointer() as ckptr:  # every process calls it; orbax picks a writer
+        ckptr.save(path, nets, force=True)
     return path
 
 
@@ -352,7 +356,9 @@ _run_networks_jit = jax.jit(run_networks, static_argnums=2)
 def fused_B_numpy(params: Any, frozen: dict[str, Any], st: FuseStatics
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     new_B, _, attn = _run_networks_jit(params, frozen, st)
-    return {k: np.asarray(v) for k, v in new_B.items()}, jax.device_get(attn)
+    # Multi-host, the outputs are sharded across processes: all-gather them to every host.
+    new_B, attn = dist.gather_to_host((new_B, attn))
+    return dict(new_B), attn
 
 
 def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseStatics,
@@ -360,7 +366,9 @@ def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: F
     """Write ``merged_lora/`` (A unchanged, B + α·ΔB on fused modules) and the report dict."""
     new_B, attn = fused_B_numpy(params, frozen, st)
     fused = fused_adapter(inp.target, new_B, job.export_dtype)
-    adapter_dir = save_adapter(fused, out_dir / "merged_lora")
+    adapter_dir = out_dir / "merged_lora"
+    if dist.is_primary():  # one writer (the B's are already gathered on every process)
+        adapter_dir = save_adapter(fused, adapter_dir)
     delta_norms = {}
     for name, b in new_B.items():
         b0 = np.asarray(inp.target.modules[name].B, np.float32)

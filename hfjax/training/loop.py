@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfjax import distributed as dist
 from hfjax.atomic import write_text_atomic
 from hfjax.config import ConfigError
 from hfjax.errors import RunDiverged
@@ -242,9 +243,10 @@ def run_loop(step_fn: StepFn, state: Any, batches: Callable[[int], Iterable[Any]
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = out_dir / METRICS_FILE
-        if s.restart:
+        if s.restart and dist.is_primary():
             shutil.rmtree(out_dir / CHECKPOINT_SUBDIR, ignore_errors=True)
             metrics_file.unlink(missing_ok=True)
+        dist.barrier("loop-restart")
         ckpt = checkpointing.Checkpointer(out_dir / CHECKPOINT_SUBDIR,
                                           keep=s.keep_checkpoints)
         latest = ckpt.latest_step()
@@ -258,7 +260,10 @@ def run_loop(step_fn: StepFn, state: Any, batches: Callable[[int], Iterable[Any]
                     f"({type(e).__name__}); start over with --restart (restart=True) or use "
                     "another output_dir") from e
             start = latest
-        trim_metrics(metrics_file, start)
+        if dist.is_primary():  # multi-host: one writer per shared file (process 0)
+            trim_metrics(metrics_file, start)
+        else:
+            metrics_file = None
 
     last_good = start if ckpt is not None and ckpt.latest_step() is not None else None
     where = f" in {ckpt.directory}" if ckpt is not None else ""
@@ -312,7 +317,7 @@ def run_loop(step_fn: StepFn, state: Any, batches: Callable[[int], Iterable[Any]
             last_good = n
 
     step = start
-    bar = _progress(s.total_steps, start, progress, s.desc)
+    bar = _progress(s.total_steps, start, progress and dist.is_primary(), s.desc)
     pending: tuple[int, Mapping[str, Any], int] | None = None
     opener = metrics_file.open("a") if metrics_file is not None else nullcontext(None)
     try:
