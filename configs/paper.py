@@ -50,8 +50,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import ml_collections
-
-from configs import fuse
+from hfjax.configs import fuse
 
 # The six UIE tasks: our short name -> the replay file stem (shared/data/README.md).
 UIE_DATASETS = {

@@ -85,7 +85,7 @@ from typing import Any
 import ml_collections
 import yaml
 
-from configs import fuse as _fuse_schema
+from hfjax.configs import fuse as _fuse_schema
 from hfjax.errors import UserError
 
 __all__ = [

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from hfjax.fusion import FusionError, build_plan, parse_transfer_ratio
-from hfjax.fusion.synthetic import ALL_LINEAR, random_adapter
+from hfjax.testing.adapters import ALL_LINEAR, random_adapter
 
 
 def adapter(layers: int, *, hidden: int = 8, inter: int = 12, rank: int = 2,

@@ -49,7 +49,6 @@ import optax
 import yaml
 
 from bridge import LoraAdapter, LoraModule, make_adapter_config, module_rank_scale, save_adapter
-from configs import train_lora as _schema_module
 from hfjax.config_io import (
     ConfigError,
     apply_overrides,
@@ -59,6 +58,7 @@ from hfjax.config_io import (
     import_get_config,
 )
 from hfjax.config_io import is_number as _number
+from hfjax.configs import train_lora as _schema_module
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import module_names
@@ -532,17 +532,3 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     }
     _write_json_atomic(run_dir / "train_report.json", report)
     return adapter_dir
-
-
-def main(config_path: str | None, overrides: Sequence[str], quiet: bool = False) -> int:
-    """``hfjax train-lora``: load + validate the config, train, print where the adapter is."""
-    cfg = load_train_config(config_path, overrides)
-    adapter_dir = train_lora(cfg, progress=not quiet)
-    report = json.loads((adapter_dir.parent / "train_report.json").read_text())
-    run = report["run"]
-    print(f"adapter: {adapter_dir}")
-    print(f"report: {adapter_dir.parent / 'train_report.json'}  steps {run['steps']}, "
-          f"compilations {run['compilations']}, first step {run['first_step_seconds']} s, then "
-          f"{run['seconds_per_step']} s/step, "
-          f"{run['tokens_per_second']} tokens/s")
-    return 0
