@@ -134,14 +134,12 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_tiny_zoo(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hfjax.testing.zoo import build_zoo, fuse_overrides
+    from hfjax.testing.zoo import write_tiny_zoo
 
-    out = Path(args.out_dir)
-    paths = build_zoo(out)
+    paths = write_tiny_zoo(args.out_dir)
     for name, path in paths.items():
         print(f"{name}: {path}")
-    flags = " ".join(f"--config.{item}" for item in fuse_overrides(paths, out / "fused"))
-    print(f"fuse it: hfjax fuse --config hfjax:fuse {flags}")
+    print(f"fuse it: xargs -d '\\n' -a {paths['fuse_flags']} hfjax fuse --config hfjax:fuse")
     return 0
 
 

@@ -5,7 +5,10 @@ and two replay sets, small enough that a whole fuse run takes seconds on a CPU::
     cfg = tiny_fuse_config(paths, tmp / "out")   # a fuse config sized for it
     fuse_overrides(paths, tmp / "out")           # the same as ``--config.FIELD=VALUE`` strings
 
-``hfjax tiny-zoo DIR`` writes one and prints the ``hfjax fuse`` command line that fuses it.
+``write_tiny_zoo(DIR)`` (``hfjax tiny-zoo DIR``) writes one plus ``DIR/fuse_flags.txt``, the
+``--config.FIELD=VALUE`` flags (one a line) of a fuse run over it::
+
+    hfjax tiny-zoo zoo && xargs -d '\\n' -a zoo/fuse_flags.txt hfjax fuse --config hfjax:fuse
 """
 
 from __future__ import annotations
@@ -92,3 +95,15 @@ def fuse_overrides(paths: dict[str, Path], out: Path) -> list[str]:
             value = ",".join(value)
         items.append(f"{name}={value}")
     return items
+
+
+def write_tiny_zoo(out_dir: str | Path) -> dict[str, Path]:
+    """`build_zoo` into ``out_dir``, plus ``fuse_flags.txt``: the `fuse_overrides` as
+    ``--config.`` flags, one a line, for a run writing to ``out_dir/fused``. Returns the
+    zoo's paths and ``"fuse_flags"``."""
+    out = Path(out_dir)
+    paths = build_zoo(out)
+    flags = out / "fuse_flags.txt"
+    flags.write_text("".join(f"--config.{item}\n"
+                             for item in fuse_overrides(paths, out / "fused")))
+    return {**paths, "fuse_flags": flags}
