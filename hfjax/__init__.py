@@ -40,6 +40,7 @@ def _register_checkout_configs() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["hfjax.configs"] = module
     spec.loader.exec_module(module)
+    globals()["configs"] = module  # as the import system does for a found subpackage
 
 
 _register_checkout_configs()

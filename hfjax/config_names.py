@@ -56,11 +56,11 @@ def resolve_config_name(spec: str) -> str:
         return spec
     name, sep, arg = spec[len(PREFIX):].partition(":")
     root = shipped_configs_dir()
-    for suffix in _SUFFIXES:
-        path = root / f"{name}{suffix}"
-        if name and "/" not in name and path.is_file():
-            if sep and suffix != ".py":
-                raise ConfigNameError(f"{spec}: {path.name} takes no argument (drop ':{arg}')")
-            return f"{path}:{arg}" if sep else str(path)
-    raise ConfigNameError(f"{spec}: no shipped config {name!r}; shipped: "
-                          + ", ".join(shipped_config_names()))
+    if name not in shipped_config_names():
+        raise ConfigNameError(f"{spec}: no shipped config {name!r}; shipped: "
+                              + ", ".join(shipped_config_names()))
+    path = next(root / f"{name}{suffix}" for suffix in _SUFFIXES
+                if (root / f"{name}{suffix}").is_file())
+    if sep and path.suffix != ".py":
+        raise ConfigNameError(f"{spec}: {path.name} takes no argument (drop ':{arg}')")
+    return f"{path}:{arg}" if sep else str(path)
