@@ -3,7 +3,7 @@
 Every default below is the paper's shared training block (SPEC §9), so a paper run only
 fills in paths. Run it with::
 
-    hfjax fuse --config configs/fuse.py \\
+    hfjax fuse --config hfjax:fuse \\
         --config.target.model_path=$MODEL_ROOT/llama-3.1-8b-instruct \\
         --config.target.adapter_path=$ADAPTER_ROOT/llama_instruct/NER_mit-movie_sft \\
         --config.sources=qwen_conll04=$ADAPTER_ROOT/Qwen2.5/UIE/RE_conll04 \\

@@ -1,6 +1,6 @@
 """The paper's experiments (SPEC §9), generated from a few functions.
 
-    hfjax fuse --config configs/paper.py:single_source_qwen_to_llama/mit-movie
+    hfjax fuse --config hfjax:paper:single_source_qwen_to_llama/mit-movie
     python scripts/run_sweep.py 'sensitivity_alpha/*'
 
 ``list_experiments()`` names all 49; ``get_config(name)`` builds one. Every experiment is the
@@ -50,8 +50,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import ml_collections
-
-from configs import fuse
+from hfjax.configs import fuse
 
 # The six UIE tasks: our short name -> the replay file stem (shared/data/README.md).
 UIE_DATASETS = {
@@ -252,8 +251,8 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
     """The fuse config of experiment ``name`` (see ``list_experiments()``)."""
     table = _experiments()
     if name is None:
-        raise ValueError("configs/paper.py needs an experiment name: configs/paper.py:<name>, "
-                         "e.g. single_source_qwen_to_llama/mit-movie")
+        raise ValueError("configs/paper.py needs an experiment name: hfjax:paper:<name> (or "
+                         "configs/paper.py:<name>), e.g. single_source_qwen_to_llama/mit-movie")
     if name not in table:
         close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else " (see list_experiments())"

@@ -4,7 +4,7 @@ The defaults are the paper's experts (SPEC §9: r 8, 3 epochs at lr 1e-4, all li
 projections), trained with the replay pipeline's chat templates and truncation (SPEC §8).
 Run it with::
 
-    hfjax train-lora --config configs/train_lora.py \\
+    hfjax train-lora --config hfjax:train_lora \\
         --config.model_path=$MODEL_ROOT/llama-3.1-8b-instruct \\
         --config.data_root=$DATA_ROOT/uie_sample300 \\
         --config.datasets=mit-movie_sample300 \\

@@ -2,11 +2,13 @@
 
 ::
 
-    python scripts/bench.py                          # small, mid, paper + bridge
-    python scripts/bench.py --only small,mid --repeats 7
-    python scripts/bench.py --skip-torch --skip-bridge
+    hfjax bench                          # small, mid, paper + bridge
+    hfjax bench --only small,mid --repeats 7
+    hfjax bench --skip-torch --skip-bridge
 
-A script, never a test: it prints numbers and says whether the targets are met.
+or from Python, ``run_bench(["small"], torch_side=False)``. Never a test: it prints numbers
+and says whether the targets are met. It runs from an installed package (the PyTorch side
+needs ``torch==2.13.0`` and ``hfjax[torch]``; it is skipped without them).
 
 **What is timed.** One single-group configuration (``small``, ``mid``, ``paper``: see
 `CONFIGS`) is one transfer network over a bucket of ``M`` modules of exactly the given token
@@ -21,7 +23,10 @@ timed on the same shapes, same weights (the torch network is loaded from the JAX
   w.r.t. the patched B, one VJP). PyTorch, the original's way: for every micro-batch run the
   network, patch ``B + α·ΔB`` into a PEFT-wrapped transformers Llama
   (``torch.func.functional_call``), LM loss + λ·RDM, backward; then AdamW + HF's
-  ``get_cosine_schedule_with_warmup``.
+  ``get_cosine_schedule_with_warmup``. The network is `hfjax.testing.torch_reference`'s.
+  Both sides take every hyper-parameter the configuration does not fix (μ_gate, α init,
+  λ, the RDM target, AdamW, warmup) from the shipped fuse config's defaults (``hfjax:fuse``,
+  the paper's training block), over a schedule of `SCHEDULE_STEPS` steps.
 - ``network``: one transfer-network forward + backward with the RDM (the networks' share).
 - ``lm``: one micro-batch's LM loss and its gradient w.r.t. the LoRA B's (the LM's share).
 
@@ -48,7 +53,6 @@ GEMM peak measured in the same worker (``2048³``: ``jnp.dot`` under jit, and ``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -66,9 +70,27 @@ from typing import Any
 import numpy as np
 
 from hfjax import machine
+from hfjax.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = ROOT / "tests"
+#: Length of the learning-rate schedule both sides follow (warmup = warmup_ratio of it).
+SCHEDULE_STEPS = 100
+
+
+class BenchError(UserError):
+    """An unknown benchmark configuration."""
+
+
+def paper_defaults(c: BenchConfig | None = None) -> Any:
+    """The shipped fuse config's defaults (the paper's), with ``c``'s network geometry."""
+    from hfjax.configs.fuse import get_config
+
+    cfg = get_config()
+    if c is not None:
+        cfg.fusion.block_size = c.block
+        cfg.fusion.embed_dim = c.embed
+        cfg.fusion.num_heads = c.heads
+        cfg.rdm.num_projections = c.projections
+    return cfg
 
 
 # ----------------------------------------------------------------------------- configs
@@ -198,10 +220,10 @@ def prepare_fixture(c: BenchConfig, out: Path) -> None:
     import jax
 
     from bridge import save_adapter
-    from hfjax.demo.zoo import random_lora
     from hfjax.fusion import init_fusion_params, params_to_torch_state_dict
     from hfjax.loading import init_params, save_pretrained
     from hfjax.models import Decoder
+    from hfjax.testing.models import random_lora
 
     mc = _model_cfg(c)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +246,8 @@ def prepare_fixture(c: BenchConfig, out: Path) -> None:
                                          compute_uv=False).astype(np.float32)
     np.savez(out / "contexts.npz", **ctx)
     net = init_fusion_params(plan, None, key=jax.random.PRNGKey(3), embed_dim=c.embed,
-                             num_heads=c.heads, max_pos=4096)["nets"][plan.groups[0].name]
+                             num_heads=c.heads, max_pos=paper_defaults(c).fusion.max_pos)
+    net = net["nets"][plan.groups[0].name]
     np.savez(out / "net_torch.npz", **params_to_torch_state_dict(net))
     ids = rng.integers(3, mc.vocab_size, size=(c.accum, 1, c.seq)).astype(np.int32)
     labels = ids.copy()
@@ -243,13 +266,15 @@ class JaxSide:
         import jax.numpy as jnp
 
         from bridge import load_adapter
-        from hfjax.config import OptimizerConfig, RDMConfig, TransferNetConfig
+        from hfjax.config.jobs import fuse_job_from
         from hfjax.fusion import average_rdm, torch_state_dict_to_params
         from hfjax.loading import from_pretrained
         from hfjax.training import fuse_step as fs
+        from hfjax.training.fuse_loop import statics_from
         from hfjax.training.objective import lm_loss
 
         self.c = c
+        paper = paper_defaults(c)
         target = load_adapter(fx / "target")
         plan = bench_plan(c, json.loads((fx / "plan.json").read_text()))
         model = from_pretrained(fx / "base", dtype=jnp.float32)
@@ -257,17 +282,11 @@ class JaxSide:
         g = plan.groups[0].name
         with np.load(fx / "net_torch.npz") as z:
             net = torch_state_dict_to_params({k: z[k] for k in z.files}, block_size=c.block,
-                                             rank=c.rank, embed_dim=c.embed, max_pos=4096)
-        params = {"nets": {g: net}, "alpha": {g: jnp.asarray(0.3, jnp.float32)}}
-        self.st = fs.FuseStatics(
-            plan=plan, model=model.config,
-            net=TransferNetConfig(embed_dim=c.embed, num_heads=c.heads, max_pos=4096,
-                                  mu_gate=0.1, gate="svd"),
-            rdm=RDMConfig(lambda_reg=0.005, mu_target=0.0, sigma_target=1.0,
-                          num_projections=c.projections, activation="relu", sort="auto"),
-            optim=OptimizerConfig(lr=5e-5, warmup_ratio=0.05, b1=0.9, b2=0.999, eps=1e-8,
-                                  weight_decay=0.01),
-            steps=100)
+                                             rank=c.rank, embed_dim=c.embed,
+                                             max_pos=paper.fusion.max_pos)
+        alpha0 = jnp.asarray(paper.fusion.alpha_init, jnp.float32)
+        params = {"nets": {g: net}, "alpha": {g: alpha0}}
+        self.st = statics_from(fuse_job_from(paper)[0], plan, model.config, steps=SCHEDULE_STEPS)
         opt = self.st.optimizer
         self.frozen = {"base": model.params, "adapter": target.to_jax(jnp.float32),
                        "contexts": {g: [jax.tree.map(jnp.asarray, ctx)]}}
@@ -338,10 +357,13 @@ class TorchSide:
         import transformers
         from torch.func import functional_call
 
-        sys.path.insert(0, str(TESTS))
-        from torch_reference import HeteroFusionTransferNet, compute_rdm_reg
+        from hfjax.testing.torch_reference import HeteroFusionTransferNet, compute_rdm_reg
 
-        self.torch, self.functional_call, self.rdm = torch, functional_call, compute_rdm_reg
+        paper = paper_defaults(c)
+        f, r, tr = paper.fusion, paper.rdm, paper.train
+        self.torch, self.functional_call = torch, functional_call
+        self.rdm = lambda z: compute_rdm_reg(z, r.mu_target, r.sigma_target, c.projections)
+        self.lambda_reg = r.lambda_reg
         self.c = c
         geo = json.loads((fx / "plan.json").read_text())
         base = transformers.AutoModelForCausalLM.from_pretrained(fx / "base",
@@ -349,17 +371,20 @@ class TorchSide:
         self.model = peft.PeftModel.from_pretrained(base, str(fx / "target")).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.net = HeteroFusionTransferNet(c.rank, c.block, c.embed, c.heads, 4096, 0.1)
+        self.net = HeteroFusionTransferNet(c.rank, c.block, c.embed, c.heads, f.max_pos,
+                                           f.mu_gate)
         with np.load(fx / "net_torch.npz") as z:
             self.net.load_state_dict({k: torch.from_numpy(z[k].copy()) for k in z.files})
-        self.alpha = torch.nn.Parameter(torch.tensor(0.3))
+        self.alpha = torch.nn.Parameter(torch.tensor(f.alpha_init))
         with np.load(fx / "contexts.npz") as z:
             self.ctx = {k: torch.from_numpy(z[k].copy()) for k in z.files}
         with np.load(fx / "batches.npz") as z:
             self.batch = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
-        self.opt = torch.optim.AdamW(list(self.net.parameters()) + [self.alpha], lr=5e-5,
-                                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-        self.sched = transformers.get_cosine_schedule_with_warmup(self.opt, 5, 100)
+        self.opt = torch.optim.AdamW(list(self.net.parameters()) + [self.alpha], lr=tr.lr,
+                                     betas=(tr.b1, tr.b2), eps=tr.eps,
+                                     weight_decay=tr.weight_decay)
+        self.sched = transformers.get_cosine_schedule_with_warmup(
+            self.opt, int(tr.warmup_ratio * SCHEDULE_STEPS), SCHEDULE_STEPS)
         names = dict(self.model.named_parameters())
         self.keys, self.B0, self.d_out = [], [], []
         for m in geo:
@@ -388,9 +413,8 @@ class TorchSide:
         for i in range(c.accum):
             delta, _, z_t, z_s = self.net(ctx["tgt"], ctx["tgt_s"], ctx["src"], ctx["src_s"])
             lm = self._lm_loss(self._new_B(delta), i)
-            reg = self.rdm(z_t, num_projections=c.projections) + self.rdm(
-                z_s, num_projections=c.projections)
-            ((lm + 0.005 * reg) / c.accum).backward()
+            reg = self.rdm(z_t) + self.rdm(z_s)
+            ((lm + self.lambda_reg * reg) / c.accum).backward()
             lms.append(float(lm.detach()))
         self.opt.step()
         self.sched.step()
@@ -399,12 +423,11 @@ class TorchSide:
             self.first_lm_loss = float(np.mean(lms))
 
     def network(self) -> None:
-        ctx, c = self.ctx, self.c
+        ctx = self.ctx
         delta, _, z_t, z_s = self.net(ctx["tgt"], ctx["tgt_s"], ctx["src"], ctx["src_s"])
         new_B = self._new_B(delta)
         lin = sum((new_B[k] * cot).sum() for k, cot in zip(self.keys, self.cot, strict=True))
-        loss = lin + self.rdm(z_t, num_projections=c.projections) + self.rdm(
-            z_s, num_projections=c.projections)
+        loss = lin + self.rdm(z_t) + self.rdm(z_s)
         loss.backward()
         self.net.zero_grad(set_to_none=True)
         self.alpha.grad = None
@@ -560,9 +583,9 @@ def worker_load(path: Path) -> dict[str, Any]:
 def worker_adapter(tmp: Path) -> dict[str, Any]:
     """An 8B-shaped r=8 all-linear adapter: load -> save -> load, timed and compared."""
     from bridge import load_adapter, save_adapter
-    from hfjax.demo.zoo import random_lora
     from hfjax.memory import LLAMA31_8B
     from hfjax.models.config import ModelConfig
+    from hfjax.testing.models import random_lora
 
     ad = random_lora(ModelConfig(**LLAMA31_8B), r=8, alpha=16, seed=0)
     first = save_adapter(ad, tmp / "a0")
@@ -581,13 +604,18 @@ def worker_adapter(tmp: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- orchestration
+#: The folder that holds the ``hfjax`` package in use (site-packages or a checkout).
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+#: What a worker process runs: `run_worker` on its arguments, JSON on the last stdout line.
+_WORKER_MAIN = "import sys; from hfjax.bench import run_worker; sys.exit(run_worker(sys.argv[1:]))"
+
 def _env(allocator: str) -> dict[str, str]:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu",
            # torch's OpenMP threads otherwise busy-wait at every barrier; on a shared CPU
            # that costs torch up to 3x (measured), so give it its best case.
            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS),
-                                          os.environ.get("PYTHONPATH", "")])}
+           # the workers import this very hfjax (a checkout or an installed package)
+           "PYTHONPATH": os.pathsep.join([_PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")])}
     if allocator == "glibc-tuned":
         env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40),
                    MALLOC_TOP_PAD_=str(64 << 20))
@@ -595,9 +623,9 @@ def _env(allocator: str) -> dict[str, str]:
 
 
 def _spawn(args: Sequence[str], allocator: str, timeout: float = 3600) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "hfjax.bench", "--worker", *args]
-    proc = subprocess.run(cmd, env=_env(allocator), cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=timeout)
+    cmd = [sys.executable, "-c", _WORKER_MAIN, *args]
+    proc = subprocess.run(cmd, env=_env(allocator), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -610,7 +638,7 @@ def _torch_available() -> bool:
         import transformers  # noqa: F401
     except ImportError:
         return False
-    return (TESTS / "torch_reference.py").exists()
+    return True
 
 
 def _fmt_ms(s: float) -> str:
@@ -658,45 +686,41 @@ def report_config(c: BenchConfig, t: dict[str, Any], rss: dict[str, Any]) -> lis
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hfjax bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="small,mid,paper",
-                   help="configurations to run, comma-separated (small, mid, paper)")
-    p.add_argument("--skip-torch", action="store_true", help="JAX only")
-    p.add_argument("--skip-bridge", action="store_true", help="no checkpoint/adapter bench")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="interleaved repetitions (default: 5; paper 2)")
-    p.add_argument("--allocator", choices=("glibc-tuned", "default"), default="glibc-tuned",
-                   help="glibc-tuned: no mmap/trim for both sides (fewer page faults)")
-    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS workers")
-    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
-    args = p.parse_args(list(argv) if argv is not None else None)
-    if args.worker:
-        return _worker(args.worker)
+def run_bench(names: Sequence[str] = ("small", "mid", "paper"), *, torch_side: bool = True,
+              bridge: bool = True, repeats: int | None = None,
+              allocator: str = "glibc-tuned", rss: bool = True,
+              log: Callable[[str], None] = print) -> list[str]:
+    """Run the configurations ``names`` (then the bridge bench), reporting through ``log``.
 
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    ``torch_side``: also time the original's PyTorch way (skipped when torch/peft are not
+    installed). ``repeats``: interleaved repetitions (default: each configuration's own).
+    ``allocator``: ``"glibc-tuned"`` (no mmap/trim for both sides) or ``"default"``.
+    ``rss``: also measure each side's peak RSS alone. Returns the targets' verdict lines.
+    Raises `BenchError` for an unknown configuration name.
+    """
     bad = [n for n in names if n not in CONFIGS]
     if bad:
-        p.error(f"unknown configuration(s) {bad}; known: {', '.join(CONFIGS)}")
-    torch_too = not args.skip_torch and _torch_available()
-    print(f"hfjax bench: {machine.describe()}; allocator: {args.allocator} glibc malloc "
-          "for both sides"
-          + ("" if torch_too else "; torch side skipped"), flush=True)
+        raise BenchError(f"hfjax bench: unknown configuration(s) {', '.join(bad)}; known: "
+                         f"{', '.join(CONFIGS)}")
+    if allocator not in ("glibc-tuned", "default"):
+        raise BenchError(f"hfjax bench: unknown allocator {allocator!r}")
+    torch_too = torch_side and _torch_available()
+    log(f"hfjax bench: {machine.describe()}; allocator: {allocator} glibc malloc "
+        "for both sides" + ("" if torch_too else "; torch side skipped"))
     met: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hfjax_bench_") as tmp:
         for name in names:
             c = CONFIGS[name]
-            if args.repeats is not None:
-                c = dataclasses.replace(c, repeats=args.repeats)
+            if repeats is not None:
+                c = dataclasses.replace(c, repeats=repeats)
             fx = Path(tmp) / name
             prepare_fixture(c, fx)
-            t = _spawn(["time", name, str(fx), str(int(torch_too)), str(c.repeats)],
-                       args.allocator)
-            rss = {}
-            if not args.no_rss:
+            t = _spawn(["time", name, str(fx), str(int(torch_too)), str(c.repeats)], allocator)
+            peaks = {}
+            if rss:
                 for impl in ("jax", "torch") if torch_too else ("jax",):
-                    rss[impl] = _spawn(["rss", name, str(fx), impl], args.allocator)
-            print("\n".join(report_config(c, t, rss)), flush=True)
+                    peaks[impl] = _spawn(["rss", name, str(fx), impl], allocator)
+            log("\n".join(report_config(c, t, peaks)))
             med = t["median"]
             if torch_too and name == "mid":
                 r = med["torch"]["step"] / med["jax"]["step"]
@@ -708,12 +732,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            f"matmul peak: {'MET' if share > 0.5 else 'NOT met'} "
                            f"({100 * share:.0f}% of jax.jit's 2048^3 f32 GEMM)")
             shutil.rmtree(fx, ignore_errors=True)
-        if not args.skip_bridge:
-            print("\n".join(bench_bridge(Path(tmp), args.allocator, met)), flush=True)
+        if bridge:
+            log("\n".join(bench_bridge(Path(tmp), allocator, met)))
     if met:
-        print("\ntargets (reported, not asserted):")
-        print("\n".join(f"  - {m}" for m in met))
-    return 0
+        log("\ntargets (reported, not asserted):\n" + "\n".join(f"  - {m}" for m in met))
+    return met
 
 
 def bench_bridge(tmp: Path, allocator: str, met: list[str]) -> list[str]:
@@ -745,7 +768,8 @@ def bench_bridge(tmp: Path, allocator: str, met: list[str]) -> list[str]:
     return lines
 
 
-def _worker(argv: list[str]) -> int:
+def run_worker(argv: Sequence[str]) -> int:
+    """A worker process's body: ``KIND ARGS...``; prints its result as one JSON line."""
     kind = argv[0]
     if kind == "time":
         name, fx, torch_too, repeats = argv[1], Path(argv[2]), argv[3] == "1", int(argv[4])
@@ -761,7 +785,3 @@ def _worker(argv: list[str]) -> int:
         raise SystemExit(f"unknown worker {kind!r}")
     print(json.dumps(out))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,12 +4,17 @@
     hfjax train-lora --config FILE [--config.FIELD=VALUE ...]
     hfjax eval --model DIR [--adapter DIR] --data FILE.json [--out DIR]
     hfjax demo [--out DIR] [--fast]
-    hfjax bench [...]
+    hfjax bench [--only small,mid,paper] [--skip-torch] [--skip-bridge] [--repeats N]
+    hfjax memory
+    hfjax tiny-zoo DIR
     hfjax lora-from-delta --base DIR --tuned DIR --out DIR --rank R [--alpha A] [...]
     hfjax merge-full --base DIR --adapter DIR --out DIR [--dtype float32|bfloat16|float16]
 
 Config files are ml_collections Python files (``get_config()``) or the original release's
-YAML layout (see `hfjax.config`). Bad input ends with one line on stderr and exit code 2.
+YAML layout (see `hfjax.config`); ``hfjax:NAME[:ARG]`` names a shipped one
+(``hfjax:fuse``, ``hfjax:train_lora``, ``hfjax:paper:<experiment>``; `hfjax.config_names`).
+Every command parses its arguments, calls one library function and prints what it returns.
+Bad input ends with one line on stderr and exit code 2.
 Compiled executables are cached on disk (`hfjax.compile_cache`; ``HFJAX_COMPILATION_CACHE=off``
 turns that off).
 """
@@ -17,9 +22,11 @@ turns that off).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -46,9 +53,10 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def cmd_fuse(args: argparse.Namespace, overrides: list[str]) -> int:
     from hfjax.config import load_config, validate_configs
+    from hfjax.config_names import resolve_config_name
     from hfjax.training.fuse_loop import run_fusion
 
-    configs = load_config(args.config, overrides)
+    configs = load_config(resolve_config_name(args.config), overrides)
     validate_configs(configs, check_paths=not args.dry_run)
     for i, cfg in enumerate(configs):
         if len(configs) > 1:
@@ -69,27 +77,72 @@ def cmd_fuse(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_train_lora(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hfjax.training.lora_train import main as train_main
+    from hfjax.config_names import resolve_config_name
+    from hfjax.training.lora_train import load_train_config, train_lora
 
-    return train_main(args.config, overrides, quiet=args.quiet)
+    cfg = load_train_config(resolve_config_name(args.config), overrides)
+    adapter_dir = train_lora(cfg, progress=not args.quiet)
+    report = json.loads((adapter_dir.parent / "train_report.json").read_text())
+    run = report["run"]
+    print(f"adapter: {adapter_dir}")
+    print(f"report: {adapter_dir.parent / 'train_report.json'}  steps {run['steps']}, "
+          f"compilations {run['compilations']}, first step {run['first_step_seconds']} s, then "
+          f"{run['seconds_per_step']} s/step, "
+          f"{run['tokens_per_second']} tokens/s")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hfjax.eval.run import main as eval_main
+    from hfjax.eval.run import evaluate, format_metrics
 
-    return eval_main(args)
+    metrics = evaluate(args.model, args.data, adapter_path=args.adapter, template=args.template,
+                       task=args.task, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, limit=args.limit, dtype=args.dtype,
+                       out_dir=args.out, progress=not args.quiet)
+    print(format_metrics(metrics))
+    if args.out is not None:
+        print(f"predictions: {Path(args.out) / 'predictions.jsonl'}")
+        print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hfjax.demo.pipeline import main as demo_main
+    from hfjax.demo.pipeline import run_demo
+    from hfjax.demo.report import markdown_table
 
-    return demo_main(args)
+    summary = run_demo(args.out, fast=bool(args.fast), progress=not args.quiet)
+    print(markdown_table(summary["table"]))
+    print()
+    print(markdown_table(summary["type_table"]))
+    print(f"\nreport: {summary['report']}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hfjax.bench import main as bench_main
+    from hfjax.bench import run_bench
 
-    return bench_main(args.bench_args)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    run_bench(names, torch_side=not args.skip_torch, bridge=not args.skip_bridge,
+              repeats=args.repeats, allocator=args.allocator, rss=not args.no_rss,
+              log=lambda text: print(text, flush=True))
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.memory import paper_memory_report
+
+    print(paper_memory_report())
+    return 0
+
+
+def cmd_tiny_zoo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hfjax.testing.zoo import write_tiny_zoo
+
+    paths = write_tiny_zoo(args.out_dir)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print(f"fuse it: xargs -d '\\n' -a {paths['fuse_flags']} hfjax fuse --config hfjax:fuse")
+    return 0
 
 
 def cmd_lora_from_delta(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -140,14 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fuse", help="fuse source LoRAs into a target LoRA (HeteroFusion)")
-    f.add_argument("--config", required=True, help="config file: FILE.py[:ARG] or FILE.yaml")
+    f.add_argument("--config", required=True,
+                   help="config file: FILE.py[:ARG], FILE.yaml, or a shipped one: hfjax:fuse, "
+                        "hfjax:paper:<experiment>")
     f.add_argument("--dry_run", action="store_true",
                    help="print the plan (layer maps, groups, tokens, params, memory) and exit")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fuse)
 
     t = sub.add_parser("train-lora", help="train a PEFT-compatible LoRA expert in JAX")
-    t.add_argument("--config", required=True, help="config file (see configs/train_lora.py)")
+    t.add_argument("--config", required=True,
+                   help="config file: FILE.py, or hfjax:train_lora (the shipped defaults)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_lora)
 
@@ -162,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=0, help="evaluate the first N records (0: all)")
     e.add_argument("--task", default="auto", help="uie | classification | auto")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the whole pipeline on a synthetic heterogeneous zoo")
@@ -170,9 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="benchmarks (see scripts/bench.py)")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b = sub.add_parser("bench", help="benchmarks: the fused step vs PyTorch, the bridge "
+                                      "(see hfjax.bench)")
+    b.add_argument("--only", default="small,mid,paper",
+                   help="configurations to run, comma-separated (small, mid, paper)")
+    b.add_argument("--skip-torch", action="store_true", help="JAX only")
+    b.add_argument("--skip-bridge", action="store_true", help="no checkpoint/adapter bench")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repetitions (default: 5; paper 2)")
+    b.add_argument("--allocator", choices=("glibc-tuned", "default"), default="glibc-tuned",
+                   help="glibc-tuned: no mmap/trim for both sides (fewer page faults)")
+    b.add_argument("--no-rss", action="store_true", help="skip the peak-RSS workers")
     b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("memory", help="the paper setting's memory plan (1 and 8 GPUs)")
+    m.set_defaults(func=cmd_memory)
+
+    z = sub.add_parser("tiny-zoo", help="write a tiny Llama target + LoRA, Qwen2 and Mistral "
+                                        "source LoRAs and replay data (hfjax.testing.zoo)")
+    z.add_argument("out_dir", help="output directory")
+    z.set_defaults(func=cmd_tiny_zoo)
     _add_tool_parsers(sub)
     return p
 

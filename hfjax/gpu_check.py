@@ -134,7 +134,7 @@ def _fuse_job(small: bool) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from configs.fuse import get_config
+    from hfjax.configs.fuse import get_config
     from hfjax.demo.zoo import ALL_LINEAR, random_lora
     from hfjax.fusion import build_contexts, build_plan, init_fusion_params
     from hfjax.loading import init_params

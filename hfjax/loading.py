@@ -6,7 +6,7 @@ and places it on device — straight into its sharding when a mesh is given (eac
 receives only its slice, via `jax.make_array_from_callback`). Host memory therefore holds at
 most one tensor beyond what has already been placed; the full model never exists twice.
 Tensors are read largest first and glibc's heap is trimmed once every `_TRIM_EVERY` bytes read,
-so the peak RSS that loading adds is ~1.01x the parameters (`scripts/bench.py` measures it).
+so the peak RSS that loading adds is ~1.01x the parameters (`hfjax bench` measures it).
 
 Multi-host (a mesh spanning several processes), each process reads only the bytes of its
 own shards (`bridge`'s ``get_slice``: one positioned read per contiguous run), never the

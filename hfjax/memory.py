@@ -347,7 +347,7 @@ def _shape_only_lora(model: Mapping[str, Any], r: int) -> Any:
 def paper_setting(n_sources: int = 5) -> tuple[Any, Any, Any]:
     """``(cfg, model_cfg, plan)`` of single_source_qwen_to_llama: Llama-3.1-8B target (bf16),
     ``n_sources`` Qwen2.5-7B r=8 all-linear sources, the paper's training block."""
-    from configs.fuse import get_config
+    from hfjax.configs.fuse import get_config
     from hfjax.fusion import build_plan
     from hfjax.models.config import ModelConfig
 
@@ -359,21 +359,22 @@ def paper_setting(n_sources: int = 5) -> tuple[Any, Any, Any]:
     return cfg, ModelConfig(**LLAMA31_8B), plan
 
 
-def main() -> None:
-    """Print the paper setting's plan on 1 x 80 GB and on 8 GPUs (fsdp 8), remat off / on."""
+def paper_memory_report() -> str:
+    """The paper setting's plan on 1 x 80 GB and on 8 GPUs (fsdp 8), remat off / on."""
     cfg, model_cfg, plan = paper_setting()
-    print("Paper setting: Llama-3.1-8B (bf16) target, 5 Qwen2.5-7B sources, r=8 all-linear, "
-          "block 4096, E 1024, 2048 projections, batch 1 x cutoff 1024, accum 8")
+    lines = ["Paper setting: Llama-3.1-8B (bf16) target, 5 Qwen2.5-7B sources, r=8 all-linear, "
+             "block 4096, E 1024, 2048 projections, batch 1 x cutoff 1024, accum 8"]
     for g in plan.groups:
         bk = ", ".join(f"{len(b.modules)} x ({b.n_t}+{b.n_s})" for b in g.buckets)
-        print(f"  {g.name}: {bk} tokens")
+        lines.append(f"  {g.name}: {bk} tokens")
     for title, shape in (("1 GPU, 80 GB", {"data": 1, "fsdp": 1, "tensor": 1}),
                          ("8 GPUs, fsdp 8", {"data": 1, "fsdp": 8, "tensor": 1})):
         for remat in (False, True):
             cfg.train.remat = remat
-            print(f"\n[{title}]")
-            print(memory_plan_text(cfg, model_cfg, plan, mesh_shape=shape, device_gib=80))
+            lines.append(f"\n[{title}]")
+            lines.append(memory_plan_text(cfg, model_cfg, plan, mesh_shape=shape, device_gib=80))
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m hfjax.memory` (README); the CLI's `hfjax memory`
+    print(paper_memory_report())

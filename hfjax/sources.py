@@ -25,7 +25,7 @@ from typing import Any
 
 from bridge import FUSED_PARTS, HeadLayout, LoraAdapter, layout_from_hf_config, load_adapter
 from bridge import split_fused as _split_fused
-from configs.fuse import source_defaults
+from hfjax.configs.fuse import source_defaults
 from hfjax.errors import UserError
 
 __all__ = ["SourceOptions", "SourceSpecError", "head_layout", "load_source", "load_sources",

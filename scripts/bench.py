@@ -2,12 +2,12 @@
 
     python scripts/bench.py [--only small,mid,paper] [--skip-torch] [--skip-bridge] [--repeats N]
 
-Everything lives in `hfjax.bench` (``python -m hfjax.bench`` is the same); see its docstring.
+The same as ``hfjax bench ...`` (`hfjax.cli`); the benchmark itself is `hfjax.bench`.
 """
 
 import sys
 
-from hfjax.bench import main
+from hfjax.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main(["bench", *sys.argv[1:]]))

@@ -18,9 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
 _LOADER = r"""
 import resource, sys, time
 t = time.perf_counter()
@@ -37,10 +34,14 @@ print(f"{time.perf_counter() - t:.2f} {rss:.0f}")
 
 
 def parity() -> None:
-    from hf_fixtures import load_hf_model, make_hf_model, make_peft_adapter, torch_logits
-
     import hfjax
     from bridge import load_adapter
+    from hfjax.testing.hf_models import (
+        load_hf_model,
+        make_hf_model,
+        make_peft_adapter,
+        torch_logits,
+    )
 
     print("logit parity, float32 (max abs difference vs transformers / PEFT)")
     ids = np.random.default_rng(0).integers(3, 96, size=(2, 12))

@@ -41,12 +41,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # so `configs` and `hfjax` import from a plain checkout too
+if str(REPO) not in sys.path:  # so `hfjax` (and its configs) import from a plain checkout too
     sys.path.insert(0, str(REPO))
 
-from configs import paper  # noqa: E402
+from hfjax.configs import paper  # noqa: E402
 
-PAPER_PY = REPO / "configs" / "paper.py"
+PAPER_PY = Path(paper.__file__)  # the shipped configs/paper.py (hfjax:paper)
 
 
 @dataclasses.dataclass

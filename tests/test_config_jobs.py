@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hfjax.configs import fuse
+from hfjax.configs import train_lora as lora_schema
 
-from configs import fuse
-from configs import train_lora as lora_schema
 from hfjax.config import (
     ConfigError,
     FuseJob,
@@ -81,8 +81,9 @@ def test_transfer_ratio_bool_refused_by_config_and_plan():
     with pytest.raises(ConfigError) as e:
         to_fuse_job(cfg, check_paths=False)
     assert e.value.problems == ["fusion.transfer_ratio=True: expected a number or 'a/b'"]
-    from hfjax.fusion import FusionError, build_plan
     from hfjax.fusion.synthetic import random_adapter
+
+    from hfjax.fusion import FusionError, build_plan
 
     t, s = random_adapter(4, 8, 12, 2, seed=0), random_adapter(4, 8, 12, 2, seed=1)
     with pytest.raises(FusionError, match="transfer_ratio=True"):

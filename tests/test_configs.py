@@ -12,8 +12,8 @@ from pathlib import Path
 
 import ml_collections
 import pytest
+from hfjax.configs import fuse, paper
 
-from configs import fuse, paper
 from hfjax import config as hfjax_config
 from hfjax.config import ConfigError, apply_overrides, load_config, validate_config
 
@@ -426,7 +426,7 @@ def test_yaml_chain_refuses_mismatched_reuse_and_duplicate_names(tmp_path, roots
 
 def test_py_config_chaining_and_arg(tmp_path):
     path = write(tmp_path / "two.py", """\
-        from configs import fuse
+        from hfjax.configs import fuse
 
         def get_config(arg="x"):
             first, second = fuse.get_config(), fuse.get_config()
@@ -445,7 +445,7 @@ def test_py_config_chaining_and_arg(tmp_path):
 
 def test_py_config_sources_as_dicts(tmp_path):
     path = write(tmp_path / "dicts.py", """\
-        from configs import fuse
+        from hfjax.configs import fuse
 
         def get_config():
             cfg = fuse.get_config()
@@ -458,7 +458,7 @@ def test_py_config_sources_as_dicts(tmp_path):
 
 def test_py_config_unknown_field(tmp_path):
     path = write(tmp_path / "bad.py", """\
-        from configs import fuse
+        from hfjax.configs import fuse
 
         def get_config():
             cfg = fuse.get_config()
@@ -611,7 +611,7 @@ def test_template_resolution_and_export_dir(tmp_path):
 
 FAKE_FUSE = """\
     import json, os, sys
-    from configs import paper  # not hfjax: it imports JAX, and this must be quick
+    from hfjax.configs import paper  # light: hfjax imports JAX lazily, and this must be quick
     args = sys.argv[1:]
     spec = args[args.index("--config") + 1]
     with open(os.environ["FAKE_LOG"], "a") as f:

@@ -1,4 +1,4 @@
-"""Tests for the demo's synthetic tasks (hfjax.demo.tasks) and tokenizers (hfjax.demo.tokenizer)."""
+"""Tests for the synthetic tasks and tokenizers (hfjax.testing.tasks, hfjax.testing.tokenizer)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
-from hfjax.demo.tasks import (
+from hfjax.testing.tasks import (
     TASKS,
     make_splits,
     make_task,
@@ -19,7 +19,7 @@ from hfjax.demo.tasks import (
     pretraining_corpus,
     write_task_files,
 )
-from hfjax.demo.tokenizer import (
+from hfjax.testing.tokenizer import (
     DEFAULT_VOCAB_SIZES,
     FAMILY_SPECIAL_TOKENS,
     FAMILY_TOKEN_ROLES,

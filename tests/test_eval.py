@@ -7,17 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from zoo_fixtures import SMALL
 
 from bridge import save_adapter
 from hfjax import cli
-from hfjax.demo import tasks
-from hfjax.demo.tokenizer import train_tokenizer
-from hfjax.demo.zoo import build_base_model, model_config, random_lora
 from hfjax.eval.generation import generate_answers, left_pad, prompt_bucket
 from hfjax.eval.metrics import strip_generation
 from hfjax.eval.run import evaluate, infer_task
 from hfjax.loading import from_pretrained
+from hfjax.testing import tasks
+from hfjax.testing.models import build_base_model, model_config, random_lora
+from hfjax.testing.tokenizer import train_tokenizer
+from hfjax.testing.zoo import SMALL
 from hfjax.training.data import DataError
 from hfjax.training.templates import get_template, user_message
 

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from zoo_fixtures import build_zoo, tiny_fuse_config
 
 import hfjax
 from bridge import load_adapter
 from hfjax.fusion import init_fusion_params
+from hfjax.testing.zoo import build_zoo, tiny_fuse_config
 from hfjax.training.fuse_loop import prepare, run_fusion, statics_from
 from hfjax.training.fuse_step import patched_adapter, run_networks
 

@@ -8,9 +8,9 @@ import textwrap
 
 import numpy as np
 import pytest
-from zoo_fixtures import build_zoo, tiny_fuse_config
 
 from hfjax import cli
+from hfjax.testing.zoo import build_zoo, tiny_fuse_config
 from hfjax.training import fuse_loop
 from hfjax.training.optim import cosine_with_warmup, total_steps
 

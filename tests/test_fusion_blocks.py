@@ -10,7 +10,7 @@ import pytest
 
 from bridge.lora_adapter import LoraAdapter
 from hfjax.fusion import build_contexts, build_plan, svd_descriptor, to_blocks
-from hfjax.fusion.synthetic import random_adapter
+from hfjax.testing.adapters import random_adapter
 
 
 def test_to_blocks_pads_and_flattens_row_major():

@@ -20,7 +20,7 @@ from hfjax.fusion import (
     param_count,
     predict_delta_B,
 )
-from hfjax.fusion.synthetic import random_adapter
+from hfjax.testing.adapters import random_adapter
 
 NET = {"embed_dim": 32, "num_heads": 4, "max_pos": 64, "mu_gate": 0.1, "gate": "svd"}
 

@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from hfjax.fusion import FusionError, build_plan, parse_transfer_ratio
-from hfjax.fusion.synthetic import random_adapter
 from hfjax.models.families import ALL_LINEAR
+from hfjax.testing.adapters import random_adapter
 
 
 def adapter(layers: int, *, hidden: int = 8, inter: int = 12, rank: int = 2,

@@ -83,7 +83,7 @@ def test_host_and_xla_sort_same_value_and_gradient(activation):
 
 def test_matches_torch_given_the_same_draws():
     torch = pytest.importorskip("torch")
-    from torch_reference import rdm_from_draws as torch_rdm
+    from hfjax.testing.torch_reference import rdm_from_draws as torch_rdm
 
     z = embeddings(1)
     y, P = rdm_draws(jax.random.key(1), 15, 16, mu_target=0.0, sigma_target=1.0,

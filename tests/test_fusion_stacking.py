@@ -8,7 +8,7 @@ import numpy as np
 
 from hfjax.fusion import average_rdm, build_contexts, build_plan, init_fusion_params
 from hfjax.fusion.network import group_clusters, predict_delta_B
-from hfjax.fusion.synthetic import random_adapter
+from hfjax.testing.adapters import random_adapter
 
 NET = dict(embed_dim=16, num_heads=4, max_pos=32, mu_gate=0.1, gate="svd")
 QKV = ("q_proj", "k_proj", "v_proj")

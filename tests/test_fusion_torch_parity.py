@@ -24,11 +24,11 @@ from hfjax.fusion import (
     svd_descriptor,
     torch_state_dict_to_params,
 )
-from hfjax.fusion.synthetic import random_adapter
 from hfjax.fusion.torch_compat import TORCH_TABLE
+from hfjax.testing.adapters import random_adapter
 
 torch = pytest.importorskip("torch")
-from torch_reference import HeteroFusionTransferNet  # noqa: E402
+from hfjax.testing.torch_reference import HeteroFusionTransferNet  # noqa: E402
 
 pytestmark = pytest.mark.torch
 torch.set_num_threads(1)

@@ -8,10 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from hf_fixtures import load_hf_model, make_hf_model, make_peft_adapter, torch_logits  # noqa: E402
-
 import hfjax  # noqa: E402
 from bridge import load_adapter, save_adapter  # noqa: E402
+from hfjax.testing.hf_models import load_hf_model, make_hf_model, make_peft_adapter, torch_logits  # noqa: E402
 
 ADAPTERS = {
     "plain": ("llama", {}),

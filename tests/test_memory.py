@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hfjax.configs.fuse import get_config
 
-from configs.fuse import get_config
 from hfjax import memory
 from hfjax import sharding as shd
 from hfjax.models.config import ModelConfig
@@ -39,10 +39,10 @@ def test_exact_components_match_a_placed_run():
     arrays a run places (one device here; the 2x2x2 case is checked in test_sharding)."""
     from flax import linen as nn
 
-    from hfjax.demo.zoo import random_lora
     from hfjax.fusion import build_contexts, build_plan, init_fusion_params
     from hfjax.loading import init_params
     from hfjax.models.key_tables import logical_axes_tree
+    from hfjax.testing.models import random_lora
     from hfjax.training.optim import adamw
 
     cfg = _tiny_cfg()
@@ -81,8 +81,8 @@ def test_exact_components_match_a_placed_run():
 def test_activation_estimate_is_close_to_xla():
     """No remat: the documented estimate vs XLA's temp buffers for one micro-batch's LM
     gradient (the step's activations), within 2x."""
-    from hfjax.demo.zoo import random_lora
     from hfjax.loading import init_params
+    from hfjax.testing.models import random_lora
     from hfjax.training.objective import lm_loss
 
     cfg = _tiny_cfg()

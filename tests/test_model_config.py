@@ -73,7 +73,7 @@ def test_unsupported_fields_are_refused_by_name(model_type, kw, message):
 
 @pytest.mark.parametrize("model_type", NEW)
 def test_key_table_axes_have_default_sharding_rules(model_type):
-    from configs.fuse import get_config
+    from hfjax.configs.fuse import get_config
 
     cfg = ModelConfig.from_hf(_hf(model_type))
     names = {n for s in jax.tree.leaves(logical_axes_tree(cfg),

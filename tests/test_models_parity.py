@@ -14,9 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hf_fixtures import load_hf_model, make_hf_model, torch_logits  # noqa: E402
-
 import hfjax  # noqa: E402
+from hfjax.testing.hf_models import load_hf_model, make_hf_model, torch_logits  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16,

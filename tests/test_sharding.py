@@ -28,7 +28,7 @@ N_DEVICES = 8
 
 # ----------------------------------------------------------------------------- in-process
 def _default_rules() -> shd.Rules:
-    from configs.fuse import get_config
+    from hfjax.configs.fuse import get_config
 
     return shd.rules_from_config(get_config().mesh.rules)
 
@@ -38,8 +38,8 @@ def _mesh_shape(data: int, fsdp: int, tensor: int) -> AbstractMesh:
 
 
 def test_default_rules_cover_every_logical_name():
-    from hfjax.demo.zoo import DEFAULT_SHAPES, model_config
     from hfjax.models.key_tables import logical_axes_tree
+    from hfjax.testing.models import DEFAULT_SHAPES, model_config
 
     rules = _default_rules()
     shd.check_rules(rules, shd.default_rule_names())
@@ -61,9 +61,9 @@ def test_default_rules_cover_every_logical_name():
 def test_fusion_specs_are_namespaced_and_covered():
     from flax import linen as nn
 
-    from hfjax.demo.zoo import DEFAULT_SHAPES, model_config, random_lora
     from hfjax.fusion import init_fusion_params
     from hfjax.fusion.plan import build_plan
+    from hfjax.testing.models import DEFAULT_SHAPES, model_config, random_lora
 
     class _Tok:
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
@@ -157,11 +157,10 @@ def test_maybe_initialize_distributed_is_a_noop_without_env():
 # ----------------------------------------------------------------------------- subprocesses
 @pytest.fixture(scope="module")
 def zoo_json(tmp_path_factory) -> Path:
-    from zoo_fixtures import build_zoo
-
     from bridge import save_adapter
-    from hfjax.demo.zoo import random_lora
     from hfjax.models.config import ModelConfig
+    from hfjax.testing.models import random_lora
+    from hfjax.testing.zoo import build_zoo
 
     root = tmp_path_factory.mktemp("shard_zoo")
     paths = build_zoo(root)
@@ -215,7 +214,7 @@ def _spec(x: jax.Array) -> tuple[Any, ...]:
 
 
 def _child_cfg(zoo_json: str, out: str = "/tmp/unused"):
-    from zoo_fixtures import tiny_fuse_config
+    from hfjax.testing.zoo import tiny_fuse_config
 
     paths = {k: Path(v) for k, v in json.loads(Path(zoo_json).read_text()).items()}
     cfg = tiny_fuse_config(paths, Path(out))

@@ -9,16 +9,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from zoo_fixtures import SMALL
 
 from bridge import load_adapter
 from hfjax import cli
 from hfjax.config import ConfigError
-from hfjax.demo import tasks
-from hfjax.demo.tokenizer import train_tokenizer
-from hfjax.demo.zoo import build_base_model
 from hfjax.loading import from_pretrained
 from hfjax.models.decoder import module_names
+from hfjax.testing import tasks
+from hfjax.testing.models import build_base_model
+from hfjax.testing.tokenizer import train_tokenizer
+from hfjax.testing.zoo import SMALL
 from hfjax.training.data import DataError, ReplaySet, collate
 from hfjax.training.lora_train import (
     init_lora,

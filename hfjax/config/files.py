@@ -36,12 +36,12 @@ from typing import Any
 
 import yaml
 
-from configs import fuse as _fuse_schema
-from configs import train_lora as _lora_schema
 from hfjax.config.overrides import apply_overrides, expand_env, expand_strings
 from hfjax.config.problems import ConfigError
 from hfjax.config.tree import ConfigDict, conform, get_field
 from hfjax.config.yaml_layouts import load_yaml
+from hfjax.configs import fuse as _fuse_schema
+from hfjax.configs import train_lora as _lora_schema
 
 __all__ = [
     "EXPORT_FILE",

@@ -84,7 +84,7 @@ def _parse_text(text: str) -> list[tuple[str | None, str, dict[str, Any]]]:
 
 def _option_keys() -> set[str]:
     """The fields one source entry may carry (`configs.fuse.source_defaults`)."""
-    from configs.fuse import source_defaults
+    from hfjax.configs.fuse import source_defaults
 
     return set(source_defaults().keys())
 

@@ -67,11 +67,11 @@ from typing import Any
 
 import yaml
 
-from configs import fuse as _fuse_schema
 from hfjax.config.overrides import expand_strings
 from hfjax.config.problems import ConfigError, suggest
 from hfjax.config.sources import sources_config
 from hfjax.config.tree import ConfigDict, assign, get_field, leaf_paths
+from hfjax.configs import fuse as _fuse_schema
 
 __all__ = ["LAYOUTS", "detect_layout", "load_original_yaml", "load_yaml"]
 

@@ -2,7 +2,7 @@
 
 No 8B checkpoints needed: everything is built here, each stage for real::
 
-    data     5 synthetic UIE-style tasks (train / replay / test)      hfjax.demo.tasks
+    data     5 synthetic UIE-style tasks (train / replay / test)      hfjax.testing.tasks
     models   3 tokenizers + 3 briefly pretrained base models           hfjax.demo.pretrain
              Llama (target) 4x64 GQA 4/2, Qwen2 3x48 GQA 4/1 + biases,
              Mistral 5x40 MHA + sliding window, each its own vocabulary
@@ -34,7 +34,6 @@ time table, which records each stage's wall and CPU time and the load average).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -49,9 +48,9 @@ from typing import Any
 
 from hfjax.atomic import write_json_atomic
 from hfjax.demo.pretrain import PretrainConfig
-from hfjax.demo.zoo import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
+from hfjax.testing.models import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
 
-__all__ = ["DEFAULT", "FAST", "STAGES", "DemoSizes", "main", "run_demo"]
+__all__ = ["DEFAULT", "FAST", "STAGES", "DemoSizes", "run_demo"]
 
 STAGES: tuple[str, ...] = ("data", "models", "experts", "fusion", "eval", "report")
 #: Bumped when a stage's outputs change meaning, so old caches are not reused.
@@ -69,7 +68,7 @@ class DemoSizes:
         n_train / n_replay / n_test: Records per task and split.
         data_seed: Seed of the synthetic tasks.
         corpus_docs: Documents of pretraining text (also trains the tokenizers).
-        shapes: Model shape per family (depth, width, GQA layout; `hfjax.demo.zoo`).
+        shapes: Model shape per family (depth, width, GQA layout; `hfjax.testing.models`).
         vocab_sizes: Tokenizer vocabulary size per family.
         pretrain_steps: Pretraining steps per family.
         pretrain: Batch, length, learning rate of pretraining (``steps`` is per family).
@@ -226,7 +225,7 @@ class _Ctx:
 
 # ----------------------------------------------------------------------------- stage 1: data
 def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
-    from hfjax.demo import tasks
+    from hfjax.testing import tasks
 
     s = ctx.sizes
     splits = {t: tasks.make_splits(t, n_train=s.n_train, n_replay=s.n_replay, n_test=s.n_test,
@@ -241,11 +240,11 @@ def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
 def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
     import jax
 
-    from hfjax.demo import tasks
     from hfjax.demo.pretrain import pack_corpus, pretrain
-    from hfjax.demo.tokenizer import train_tokenizer
-    from hfjax.demo.zoo import build_base_model, model_config
     from hfjax.loading import init_params
+    from hfjax.testing import tasks
+    from hfjax.testing.models import build_base_model, model_config
+    from hfjax.testing.tokenizer import train_tokenizer
     from hfjax.training.data import load_alpaca
 
     s = ctx.sizes
@@ -287,7 +286,7 @@ def expert_name(family: str, task: str) -> str:
 
 
 def _stage_experts(ctx: _Ctx, work: Path) -> dict[str, Any]:
-    from configs.train_lora import get_config
+    from hfjax.configs.train_lora import get_config
     from hfjax.training.lora_train import train_lora
 
     s = ctx.sizes
@@ -340,7 +339,7 @@ FUSION_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def fuse_config(ctx: _Ctx, work: Path, variant: str) -> Any:
     """The fuse job's config for one variant (paths point at the finished earlier stages)."""
-    from configs.fuse import get_config
+    from hfjax.configs.fuse import get_config
 
     s = ctx.sizes
     experts = ctx.final("experts")
@@ -610,15 +609,3 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False,
             "table": results_table(results, sizes),
             "type_table": results_table(results, sizes, "type_f1"), "results": results,
             "report": str(report), "seconds": round(total, 2)}
-
-
-def main(args: argparse.Namespace) -> int:
-    """``hfjax demo [--out DIR] [--fast] [--quiet]``: run the job, print the results table."""
-    from hfjax.demo.report import markdown_table
-
-    summary = run_demo(args.out, fast=bool(args.fast), progress=not getattr(args, "quiet", False))
-    print(markdown_table(summary["table"]))
-    print()
-    print(markdown_table(summary["type_table"]))
-    print(f"\nreport: {summary['report']}")
-    return 0

@@ -2,7 +2,7 @@
 
 A randomly initialised base model makes a poor LoRA host: every expert would have to learn
 the language from scratch through rank-r updates. So each family's base is first trained for
-a minute or less on :func:`hfjax.demo.tasks.pretraining_corpus` text with plain next-token
+a minute or less on :func:`hfjax.testing.tasks.pretraining_corpus` text with plain next-token
 prediction::
 
     docs    = pretraining_corpus(4000, seed=0)                   # list[str]

@@ -15,7 +15,6 @@ the model) before the model's weights are loaded; both output files are written 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -143,16 +142,3 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     run = metrics["run"]
     return (f"{metrics['task']}: {scores}  (n {metrics['n']}, "
             f"{run['generate_seconds']} s generating)")
-
-
-def main(args: argparse.Namespace) -> int:
-    """``hfjax eval``: evaluate with the CLI's arguments and print the metrics."""
-    metrics = evaluate(args.model, args.data, adapter_path=args.adapter, template=args.template,
-                       task=args.task, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, limit=args.limit, dtype=args.dtype,
-                       out_dir=args.out, progress=not getattr(args, "quiet", False))
-    print(format_metrics(metrics))
-    if args.out is not None:
-        print(f"predictions: {Path(args.out) / 'predictions.jsonl'}")
-        print(f"metrics: {Path(args.out) / 'metrics.json'}")
-    return 0

@@ -32,7 +32,6 @@ Outputs under ``<output_dir>/<task_name>/``: ``adapter/`` (PEFT: ``adapter_confi
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -265,17 +264,3 @@ def train_lora(cfg: ConfigDict | LoraJob, *, progress: bool = True,
     }
     write_json_atomic(run_dir / "train_report.json", report, default=float)
     return adapter_dir
-
-
-def main(config_path: str | None, overrides: Sequence[str], quiet: bool = False) -> int:
-    """``hfjax train-lora``: load + validate the config, train, print where the adapter is."""
-    cfg = load_train_config(config_path, overrides)
-    adapter_dir = train_lora(cfg, progress=not quiet)
-    report = json.loads((adapter_dir.parent / "train_report.json").read_text())
-    run = report["run"]
-    print(f"adapter: {adapter_dir}")
-    print(f"report: {adapter_dir.parent / 'train_report.json'}  steps {run['steps']}, "
-          f"compilations {run['compilations']}, first step {run['first_step_seconds']} s, then "
-          f"{run['seconds_per_step']} s/step, "
-          f"{run['tokens_per_second']} tokens/s")
-    return 0

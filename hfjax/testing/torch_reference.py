@@ -1,5 +1,5 @@
 """A PyTorch model of the original HeteroFusion transfer network and RDM, written from SPEC §4
-and §6, for parity tests only.
+and §6: the reference the JAX port is checked against (parity tests, ``hfjax bench``).
 
 The module layout (and so the ``state_dict`` keys) is the original's::
 
@@ -12,9 +12,13 @@ Inputs are batched: ``tgt_flat (B, n_t, bs*r)``, ``tgt_s (B, n_t, r)``, ``src_fl
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from torch.nn import functional as F
+try:
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+except ImportError as e:  # torch is optional: hfjax[torch]
+    raise ImportError("hfjax.testing.torch_reference needs torch: "
+                      "pip install torch==2.13.0 'hfjax[torch]'") from e
 
 
 class ConflictAwareBlockEncoder(nn.Module):

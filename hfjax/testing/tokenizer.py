@@ -1,8 +1,8 @@
-"""Tiny per-family byte-level BPE tokenizers for the hfjax demo.
+"""Tiny per-family byte-level BPE tokenizers (for the demo, the tests and `hfjax.testing.zoo`).
 
 HeteroFusion's point is that the experts come from model families with *different*
-tokenizers. For the offline demo each family gets its own byte-level BPE, trained with the
-``tokenizers`` library on the synthetic corpus (:func:`hfjax.demo.tasks.pretraining_corpus`)
+tokenizers. Offline, each family gets its own byte-level BPE, trained with the
+``tokenizers`` library on the synthetic corpus (:func:`hfjax.testing.tasks.pretraining_corpus`)
 with a family-specific vocabulary size, and the family's chat special tokens registered the
 way the real family registers them:
 
@@ -178,7 +178,7 @@ def train_tokenizer(
     """Train a byte-level BPE tokenizer for ``family`` and save it to ``out_dir``.
 
     Args:
-        corpus: Training texts (e.g. :func:`hfjax.demo.tasks.pretraining_corpus`); iterated once.
+        corpus: Training texts (e.g. :func:`hfjax.testing.tasks.pretraining_corpus`); iterated once.
         family: ``"llama"``, ``"qwen2"`` or ``"mistral"``.
         vocab_size: Total vocabulary size including the special tokens (an upper bound: a small
             corpus may run out of merges first). Must exceed 256 + number of special tokens.

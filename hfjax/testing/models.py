@@ -1,4 +1,4 @@
-"""The tiny heterogeneous zoo: three model families of different shapes, built in JAX.
+"""Tiny base models of three families of different shapes, built in JAX, and random LoRAs.
 
 Each base model is saved as an ordinary HF checkpoint directory (config.json + safetensors +
 a tokenizer trained with `tokenizers`) through our own exporter, so transformers, PEFT and
@@ -26,6 +26,9 @@ from hfjax.loading import init_params, save_pretrained
 from hfjax.models import Decoder, ModelConfig
 from hfjax.models.decoder import module_names
 from hfjax.models.families import ALL_LINEAR
+
+__all__ = ["ALL_LINEAR", "DEFAULT_SHAPES", "FamilyShape", "build_base_model", "model_config",
+           "random_lora"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,23 @@
-"""Tiny random transformers models and PEFT adapters, saved to temp dirs (tests only)."""
+"""Tiny random transformers models and PEFT adapters saved to directories, and their logits.
+
+Needs torch, transformers and peft (``pip install torch==2.13.0 'hfjax[torch]'``); each
+function imports them when called and says so in one line if they are missing::
+
+    base = make_hf_model("qwen2", tmp / "base", seed=1)          # config.json + safetensors
+    lora = make_peft_adapter(base, tmp / "lora", r=4, seed=2)    # a PEFT dir, B != 0
+    logits = torch_logits(load_hf_model(base), ids)              # (batch, seq, vocab) numpy
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from hfjax.models.families import ALL_LINEAR
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=96, max_position_embeddings=128)
@@ -27,11 +39,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _require(name: str) -> ModuleType:
+    """``import name``, or one ImportError line saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"hfjax.testing.hf_models needs {name}: "
+                          "pip install torch==2.13.0 'hfjax[torch]'") from e
+
+
 def make_hf_model(family: str, out_dir: Path, seed: int = 0, **overrides: Any) -> Path:
     """Build a random tiny HF model of ``family``, save it (safetensors), return its dir."""
-    import torch
-    import transformers
-
+    torch, transformers = _require("torch"), _require("transformers")
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
@@ -53,9 +72,10 @@ def make_hf_model(family: str, out_dir: Path, seed: int = 0, **overrides: Any) -
     return Path(out_dir)
 
 
-def load_hf_model(path: Path):
-    import transformers
-
+def load_hf_model(path: Path) -> Any:
+    """The transformers model in ``path``, float32, eager attention, eval mode."""
+    _require("torch")
+    transformers = _require("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype="float32", attn_implementation="eager").eval()
 
@@ -64,12 +84,10 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, *, r: int = 4, alpha: int =
                       target_modules: list[str] | None = None, seed: int = 0,
                       **lora_kw: Any) -> Path:
     """A PEFT LoRA with non-zero random A and B for the model in ``base_dir``."""
-    import peft
-    import torch
-
+    peft, torch = _require("peft"), _require("torch")
     torch.manual_seed(seed)
     model = load_hf_model(base_dir)
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules or ALL_LINEAR,
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules or ALL_LINEAR),
                           init_lora_weights=False, task_type="CAUSAL_LM", **lora_kw)
     pm = peft.get_peft_model(model, cfg)
     with torch.no_grad():  # larger B so the LoRA visibly changes the output
@@ -80,8 +98,9 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, *, r: int = 4, alpha: int =
     return Path(out_dir)
 
 
-def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    import torch
+def torch_logits(model: Any, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """``model``'s float32 logits for ``ids`` (and ``mask``), as numpy."""
+    torch = _require("torch")
 
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),

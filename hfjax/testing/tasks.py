@@ -1,9 +1,10 @@
-"""Deterministic synthetic UIE-style tasks for the hfjax demo.
+"""Deterministic synthetic UIE-style tasks (the demo's and the tests' replay and eval data).
 
 The HeteroFusion paper fuses LoRA experts trained on universal-information-extraction (UIE)
 tasks: NER (MIT-Movie, TweetNER7), relation extraction (CoNLL04, NYT) and entity typing
 (FindVehicle, FabNER). This module generates small, fully synthetic look-alikes of such tasks
-from built-in vocabularies so the demo needs no downloads.
+from built-in vocabularies so the demo and the tests need no
+downloads.
 
 Records are Alpaca dicts ``{"instruction", "input", "output", "history": []}`` in the style of
 the replay data (SPEC §8): ``instruction`` holds a task prompt, ``Option: ...`` (the label

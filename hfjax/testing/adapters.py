@@ -1,4 +1,4 @@
-"""Small random LoRA adapters with real module naming, for tests, demos and dry runs.
+"""Small random LoRA adapters with real module naming and no model behind them (numpy only).
 
 Example::
 
