@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hfjax.models.families import ALL_LINEAR
+from hfjax.models.families import ALL_LINEAR as _ALL_LINEAR
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=96, max_position_embeddings=128)
@@ -36,7 +36,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                                                               "rope_theta": 1000.0}}},
 }
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = list(_ALL_LINEAR)  # PEFT target_modules want a list
 
 
 def _require(name: str) -> ModuleType:

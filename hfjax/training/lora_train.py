@@ -70,7 +70,7 @@ LoraParams = dict[str, dict[str, jax.Array]]
 ADAPTER_SUBDIR = "adapter"
 # Loading and checking live in `hfjax.config` (one loader for both jobs); re-exported here.
 __all__ = ["ADAPTER_SUBDIR", "TrainRunError", "adapter_config", "init_lora", "load_train_config",
-           "main", "make_train_step", "target_names", "to_lora_adapter", "train_lora",
+           "make_train_step", "target_names", "to_lora_adapter", "train_lora",
            "validate_train_config"]
 
 
