@@ -48,7 +48,14 @@ import numpy as np
 import optax
 import yaml
 
-from bridge import LoraAdapter, LoraModule, make_adapter_config, module_rank_scale, save_adapter
+from bridge import (
+    LoraAdapter,
+    LoraModule,
+    load_adapter,
+    make_adapter_config,
+    module_rank_scale,
+    save_adapter,
+)
 from configs import train_lora as _schema_module
 from hfjax.config_io import (
     ConfigError,
@@ -80,7 +87,7 @@ ALL_LINEAR = _schema_module.ALL_LINEAR
 TEMPLATES = (*sorted(_TEMPLATE_REGISTRY), "auto")
 BASE_DTYPES = ("bfloat16", "float32")
 ADAPTER_SUBDIR = "adapter"
-_PATH_FIELDS = ("model_path", "data_root", "output_dir")
+_PATH_FIELDS = ("model_path", "data_root", "output_dir", "init_adapter")
 
 
 class TrainRunError(RuntimeError):
@@ -204,6 +211,8 @@ def validate_train_config(cfg: ConfigDict, *, check_paths: bool = True) -> None:
         if not ok or isinstance(value, bool) or value <= 0:
             bad(field, value, "must be a positive " + ("integer" if integer else "number"))
 
+    if check_paths and cfg.init_adapter and not os.path.isdir(cfg.init_adapter):
+        bad("init_adapter", cfg.init_adapter, "no such adapter directory")
     for field in ("model_path", "data_root", "output_dir", "task_name"):
         if not isinstance(get(field), str) or not get(field):
             bad(field, get(field), "must be set")
@@ -297,6 +306,23 @@ def to_lora_adapter(params: LoraParams, config: Mapping[str, Any]) -> LoraAdapte
         mods[name] = LoraModule(name=name, A=np.asarray(p["A"], np.float32),
                                 B=np.asarray(p["B"], np.float32), scale=scale)
     return LoraAdapter(config=dict(config), modules=mods)
+
+
+def _from_adapter(path: str, model_cfg: ModelConfig
+                  ) -> tuple[dict[str, Any], LoraParams, dict[str, jax.Array], int]:
+    """``init_adapter``: (adapter config, float32 A/B, per-module scales, max rank)."""
+    from hfjax.models.decoder import check_adapter
+
+    init = load_adapter(path)
+    try:
+        check_adapter(init.to_jax(), model_cfg, where=f"init_adapter {path}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    params = {n: {"A": jnp.asarray(m.A, jnp.float32), "B": jnp.asarray(m.B, jnp.float32)}
+              for n, m in init.modules.items()}
+    scales = {n: jnp.asarray(m.scale, jnp.float32) for n, m in init.modules.items()}
+    config = {**init.config, "inference_mode": True}
+    return config, params, scales, max(m.rank for m in init.modules.values())
 
 
 # ----------------------------------------------------------------------------- the step
@@ -430,6 +456,10 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     frozen = {"base": base, "scale": scales}
     params = init_lora(model_cfg, r=cfg.lora.r, target_modules=cfg.lora.target_modules,
                        key=jax.random.PRNGKey(cfg.seed))
+    rank = int(cfg.lora.r)
+    if cfg.init_adapter:  # continue an existing adapter: its factors, scales and config
+        ada_cfg, params, scales, rank = _from_adapter(cfg.init_adapter, model_cfg)
+        names = list(params)
     n_trainable = int(sum(p["A"].size + p["B"].size for p in params.values()))
     state = {"params": params, "opt_state": optimizer.init(params),
              "step": jnp.zeros((), jnp.int32)}
@@ -440,7 +470,7 @@ def train_lora(cfg: ConfigDict, *, progress: bool = True, stop_after: int | None
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpointing.Checkpointer(run_dir / "checkpoints", keep=tr.keep_checkpoints)
     meta = {"task_name": cfg.task_name, "steps": steps, "seed": cfg.seed,
-            "modules": len(names), "r": cfg.lora.r}
+            "modules": len(names), "r": rank}
     if ckpt.latest_step() is not None:
         saved = _peek_meta(ckpt.directory / str(ckpt.latest_step()))
         for key in ("steps", "modules", "r"):
