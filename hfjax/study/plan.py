@@ -122,7 +122,7 @@ def select_rows(names: Sequence[str] | str | None, sources: Sequence[str] = (),
                             f"{', '.join(sorted(known | {'project'}))}")
         else:
             chosen.append(next(r for r in table if r.name == n))
-    return list(dict.fromkeys(chosen))
+    return list({r.name: r for r in chosen}.values())
 
 
 def make_plan(rows: Sequence[Row], seeds: Sequence[int]) -> list[Unit]:
