@@ -340,6 +340,9 @@ def run_study(fuse_cfg: Any, eval_data: Mapping[str, str], *, seeds: Sequence[in
         listing = dry_run_listing(st, plan, skipped)
         print(listing["text"])
         return listing
+    if not plan:
+        raise StudyError("nothing to run: every chosen row was skipped ("
+                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + ")")
     st.out.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
