@@ -193,3 +193,28 @@ def test_cli_study_dry_run(setup, tmp_path, capsys):
         assert key in text
     assert main(["study", "--config", str(conf), "--eval_data", "movie", "--out",
                  str(tmp_path), *over]) == 2
+
+
+def test_train_lora_init_adapter_refuses_bad_adapters(setup, tmp_path):
+    from configs.train_lora import get_config
+    from hfjax.training.lora_train import ConfigError, train_lora, validate_train_config
+
+    zoo, _, _ = setup
+    cfg = get_config()
+    cfg.model_path, cfg.data_root = str(zoo["base_llama"]), str(zoo["data"])
+    cfg.datasets, cfg.output_dir = ("movie_replay",), str(tmp_path)
+    cfg.init_adapter = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="init_adapter=.*no such adapter directory"):
+        validate_train_config(cfg)
+    cfg.init_adapter = str(zoo["qwen_adapter"])  # another family's adapter
+    with pytest.raises(ConfigError, match="init_adapter"):
+        train_lora(cfg, progress=False)
+
+
+def test_exact_match_metric():
+    from hfjax.eval.metrics import exact_match
+
+    assert exact_match(["  yes<|eot_id|>", "no"], ["yes", "maybe"]) == 0.5
+    assert exact_match([], []) == 0.0
+    with pytest.raises(ValueError, match="1 predictions for 2"):
+        exact_match(["a"], ["a", "b"])

@@ -8,6 +8,7 @@ bootstrap (seeds, then test examples within each seed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +40,10 @@ METHOD = (
     "rows ran the same seeds, the same seed draw. Rows that are not retrained (base, target, "
     "non-random merges) have one run, so only examples vary for them. A verdict says \"no "
     "difference shown\" when the interval covers 0. The headline score is micro F1 for UIE "
-    "tasks and accuracy (exact match of the answer) for the others.")
+    "tasks and accuracy (exact match of the answer) for the others. The tuned target starts "
+    "from the target LoRA and trains it on the fused run's replay files with the fuse "
+    "config's optimizer settings (lr, warmup, weight decay, batch, accumulation, epochs, step "
+    "cap), so it makes the same number of updates; merges weight every adapter equally.")
 
 
 # ----------------------------------------------------------------------------- dry run
@@ -173,6 +177,9 @@ def write_report(st: Any, chosen: Sequence[Row], done: Mapping[str, dict],
                          for t in tasks},
                "metrics": metrics, "rows": scores, "skipped": dict(skipped),
                "comparisons": comparisons, "method": METHOD, "plots": plots,
+               "settings": {"merge_weight": st.merge_weight, "density": st.density,
+                            "same_base_sources": list(st.homogeneous),
+                            "eval": dataclasses.asdict(st.opts)},
                "runs": {k: {"row": r["row"], "seed": r["seed"],
                             "resumed": bool(r.get("resumed")), "seconds": r["seconds"]}
                         for k, r in done.items()}}
