@@ -153,7 +153,7 @@ def test_dry_run_lists_every_run(setup, tmp_path, capsys):
     runnable = [r for r in rows if r.name not in listing["skipped"]]
     keys = [u.key for u in make_plan(runnable, SEEDS)]
     assert [i["run"] for i in listing["plan"]] == keys
-    assert len(keys) == 16 - 4 * ("source_control" not in cfg.fusion) + 0
+    assert len(keys) == 20 - 4 * ("source_control" not in cfg.fusion)
     for item in listing["plan"]:
         assert item["run"] in text
         trained = item["kind"] in ("fuse", "tune")
