@@ -24,7 +24,7 @@ from typing import Any
 
 from hfjax.errors import UserError
 
-__all__ = ["DEFAULT_ROWS", "MERGE_TYPES", "PlanError", "Row", "Unit", "field_exists",
+__all__ = ["DEFAULT_ROWS", "MERGE_TYPES", "PlanError", "Row", "StudyError", "Unit", "field_exists",
            "make_plan", "select_rows"]
 
 #: The homogeneous merges compared with (`hfjax.merges.merge_adapters` combination types).
@@ -32,7 +32,11 @@ MERGE_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 KINDS = ("base", "target", "fuse", "tune", "merge", "project")
 
 
-class PlanError(UserError):
+class StudyError(UserError):
+    """Bad study input: a missing test file, an unknown row, a folder made with other settings."""
+
+
+class PlanError(StudyError):
     """A study request that cannot be planned (unknown row, empty seeds, ...)."""
 
 

@@ -30,16 +30,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hfjax.errors import UserError
-from hfjax.study.plan import Row, Unit, field_exists, make_plan, select_rows
+from hfjax.study.plan import Row, StudyError, Unit, field_exists, make_plan, select_rows
 
 __all__ = ["EvalOptions", "StudyError", "parse_eval_data", "run_study"]
 
 _UNIT_FILE = "unit.json"
-
-
-class StudyError(UserError):
-    """Bad study input: a missing test file, an output folder made with other settings."""
 
 
 @dataclasses.dataclass(frozen=True)
