@@ -6,7 +6,10 @@
                         out_dir="study_out")
     # study_out/runs/<row>/<seed0|once>/unit.json   one finished (row, seed): skipped on rerun
     # study_out/runs/<row>/<seed>/eval/<task>/predictions.jsonl
-    # study_out/study.md, study.json, study_<metric>.png, study_seeds_<metric>.png
+    # study_out/study.md, study.json, study_<metric>.png, study_seeds.png
+
+The report covers the rows of the call that wrote it: a rerun with ``rows=...`` reuses the
+finished runs of those rows and rewrites the report for them only.
 
 The fuse runs are `run_fusion` on a copy of ``fuse_cfg`` with the row's overrides and the
 seed; the tuned target is `train_lora` initialised from the target adapter
