@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.task_name = "lora"
     # The one seed everything derives from (LoRA A init, data order).
     config.seed = 42
+    # Continue from an existing PEFT LoRA ("" = fresh PEFT init): its A, B, rank, alpha and
+    # modules replace the lora section's (e.g. a target LoRA tuned further on replay data).
+    config.init_adapter = ""
 
     # The adapter (PEFT LoRA semantics: delta_W = scale * B @ A, B starts at zero).
     config.lora = ml_collections.ConfigDict()

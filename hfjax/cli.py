@@ -188,6 +188,50 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     mf.set_defaults(func=cmd_merge_full)
 
 
+# ----------------------------------------------------------------------------- hfjax study
+def cmd_study(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``hfjax study``: fused vs controls vs baselines over seeds (`hfjax.study.run_study`)."""
+    from hfjax import compile_cache
+    from hfjax.config import load_config, validate_configs
+    from hfjax.study import EvalOptions, StudyError, parse_eval_data, run_study
+
+    configs = load_config(args.config, overrides)
+    if len(configs) != 1:
+        raise StudyError(f"{args.config}: holds {len(configs)} tasks; a study takes one")
+    validate_configs(configs, check_paths=True)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise StudyError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
+    compile_cache.enable()
+    opts = EvalOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       limit=args.limit)
+    summary = run_study(configs[0], parse_eval_data(args.eval_data), seeds=seeds,
+                        out_dir=args.out, rows=args.rows, dry_run=args.dry_run,
+                        progress=not args.quiet, eval_options=opts)
+    if not args.dry_run:
+        for c in summary["comparisons"]:
+            print(f"{c['question']} {c['verdict']}")
+        print(f"report: {args.out}/study.md  figures: {args.out}/study.json")
+    return 0
+
+
+def _add_study_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("study", help="fused vs controls vs merges over seeds, with verdicts")
+    s.add_argument("--config", required=True, help="the fuse config (configs/fuse.py layout)")
+    s.add_argument("--eval_data", required=True, help="test files: task=file.json,task=file")
+    s.add_argument("--seeds", default="0,1,2", help="training seeds of every trained row")
+    s.add_argument("--rows", default=None,
+                   help="rows to run, e.g. fused,zero_sources,tuned_target (default: all)")
+    s.add_argument("--out", required=True, help="study folder (finished runs are skipped)")
+    s.add_argument("--dry_run", action="store_true", help="list every run and its cost")
+    s.add_argument("--batch_size", type=int, default=8, help="generation batch size")
+    s.add_argument("--max_new_tokens", type=int, default=64, help="generation length limit")
+    s.add_argument("--limit", type=int, default=0, help="score the first N test records")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfjax", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -248,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("out_dir", help="output directory")
     z.set_defaults(func=cmd_tiny_zoo)
     _add_tool_parsers(sub)
+    _add_study_parser(sub)
     return p
 
 

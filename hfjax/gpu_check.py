@@ -135,10 +135,10 @@ def _fuse_job(small: bool) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from hfjax.configs.fuse import get_config
-    from hfjax.demo.zoo import ALL_LINEAR, random_lora
     from hfjax.fusion import build_contexts, build_plan, init_fusion_params
     from hfjax.loading import init_params
     from hfjax.models.config import ModelConfig
+    from hfjax.testing.models import ALL_LINEAR, random_lora
     from hfjax.training.fuse_loop import statics_from
 
     cfg = get_config()

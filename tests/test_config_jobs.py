@@ -81,9 +81,8 @@ def test_transfer_ratio_bool_refused_by_config_and_plan():
     with pytest.raises(ConfigError) as e:
         to_fuse_job(cfg, check_paths=False)
     assert e.value.problems == ["fusion.transfer_ratio=True: expected a number or 'a/b'"]
-    from hfjax.fusion.synthetic import random_adapter
-
     from hfjax.fusion import FusionError, build_plan
+    from hfjax.testing.adapters import random_adapter
 
     t, s = random_adapter(4, 8, 12, 2, seed=0), random_adapter(4, 8, 12, 2, seed=1)
     with pytest.raises(FusionError, match="transfer_ratio=True"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from source_fixtures import BF16, write_config, write_expert
-from zoo_fixtures import SMALL, tiny_fuse_config
 
 from bridge import load_adapter, save_adapter
-from hfjax.demo import tasks
-from hfjax.demo.tokenizer import train_tokenizer
-from hfjax.demo.zoo import build_base_model, random_lora
+from hfjax.testing import tasks
+from hfjax.testing.models import build_base_model, random_lora
+from hfjax.testing.tokenizer import train_tokenizer
+from hfjax.testing.zoo import SMALL, tiny_fuse_config
 from hfjax.training.fuse_loop import prepare, run_fusion
 
 

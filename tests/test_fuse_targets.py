@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hf_fixtures import load_hf_model, make_hf_model, torch_logits
-from zoo_fixtures import SMALL, tiny_fuse_config
 
 import hfjax
 from bridge import load_adapter, save_adapter
-from hfjax.demo import tasks
-from hfjax.demo.tokenizer import train_tokenizer
-from hfjax.demo.zoo import model_config, random_lora
+from hfjax.testing import tasks
+from hfjax.testing.hf_models import load_hf_model, make_hf_model, torch_logits
+from hfjax.testing.models import model_config, random_lora
+from hfjax.testing.tokenizer import train_tokenizer
+from hfjax.testing.zoo import SMALL, tiny_fuse_config
 from hfjax.training.fuse_loop import run_fusion
 
 torch = pytest.importorskip("torch")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bridge import LoraAdapter, load_adapter, save_adapter
-from hfjax.fusion.synthetic import random_adapter
+from hfjax.testing.adapters import random_adapter
 from hfjax.training.fused_export import ExportDtypeError, fused_adapter
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from zoo_fixtures import SMALL, build_zoo, tiny_fuse_config
 
 from hfjax.atomic import write_json_atomic
 from hfjax.errors import RunDiverged, UserError
+from hfjax.testing.zoo import SMALL, build_zoo, tiny_fuse_config
 from hfjax.training import checkpointing, fuse_loop
 from hfjax.training.loop import LoopSettings, ResumeRefused, all_finite, run_loop
 
@@ -195,10 +195,10 @@ def test_pretrain_runs_through_the_loop(tmp_path):
     import optax
 
     from hfjax.demo import pretrain as pt
-    from hfjax.demo import tasks
-    from hfjax.demo.tokenizer import train_tokenizer
-    from hfjax.demo.zoo import model_config
     from hfjax.loading import init_params
+    from hfjax.testing import tasks
+    from hfjax.testing.models import model_config
+    from hfjax.testing.tokenizer import train_tokenizer
 
     corpus = tasks.pretraining_corpus(60, seed=0)
     tok = train_tokenizer(corpus, "llama", 320, tmp_path / "tok")

@@ -13,7 +13,6 @@ peft = pytest.importorskip("peft")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from hf_fixtures import load_hf_model, make_hf_model, make_peft_adapter, torch_logits  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.utils import merge_utils  # noqa: E402
 
@@ -21,6 +20,7 @@ import hfjax  # noqa: E402
 from bridge import LoraAdapter, load_adapter, save_adapter  # noqa: E402
 from hfjax import merges  # noqa: E402
 from hfjax.errors import UserError  # noqa: E402
+from hfjax.testing.hf_models import load_hf_model, make_hf_model, make_peft_adapter, torch_logits  # noqa: E402
 
 WEIGHTS = [0.6, -0.3, 0.5]
 DENSITY = {"ties": 0.5, "magnitude_prune": 0.4, "dare_linear": 0.7, "dare_ties": 0.6}

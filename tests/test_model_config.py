@@ -6,13 +6,13 @@ from pathlib import Path
 
 import jax
 import pytest
-from hf_fixtures import FAMILY_DEFAULTS, TINY
 from jax.sharding import PartitionSpec
 
 from hfjax import sharding as shd
 from hfjax.models.config import ModelConfig, ModelConfigError
 from hfjax.models.families import FAMILIES, markdown_table
 from hfjax.models.key_tables import key_table, logical_axes_tree
+from hfjax.testing.hf_models import FAMILY_DEFAULTS, TINY
 
 NEW = ("qwen3", "gemma2", "gemma3_text", "olmo2")
 

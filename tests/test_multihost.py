@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 def _cfg(paths_json: str, out: str, mesh: tuple[int, int, int]):
-    from zoo_fixtures import tiny_fuse_config
+    from hfjax.testing.zoo import tiny_fuse_config
 
     paths = {k: Path(v) for k, v in json.loads(Path(paths_json).read_text()).items()}
     cfg = tiny_fuse_config(paths, Path(out))
@@ -68,11 +68,10 @@ def _cfg(paths_json: str, out: str, mesh: tuple[int, int, int]):
 # ----------------------------------------------------------------------------- parent side
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> Path:
-    from zoo_fixtures import build_zoo
-
     from bridge import save_adapter
-    from hfjax.demo.zoo import random_lora
     from hfjax.models.config import ModelConfig
+    from hfjax.testing.models import random_lora
+    from hfjax.testing.zoo import build_zoo
 
     root = tmp_path_factory.mktemp("mh_zoo")
     paths = build_zoo(root)

@@ -11,9 +11,9 @@ from source_fixtures import BF16, FAMILIES, write_config, write_expert
 from bridge import AdapterError, HeadLayout, LoraAdapter, load_adapter, split_fused
 from hfjax.errors import UserError
 from hfjax.fusion import build_plan
-from hfjax.fusion.synthetic import random_adapter
 from hfjax.models.families import ALL_LINEAR
 from hfjax.sources import SourceSpecError, head_layout, load_sources, source_options
+from hfjax.testing.adapters import random_adapter
 
 NO_O = tuple(m for m in ALL_LINEAR if m != "o_proj")
 

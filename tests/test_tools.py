@@ -22,14 +22,13 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from hf_fixtures import load_hf_model, make_hf_model, make_peft_adapter, torch_logits  # noqa: E402
-
 from bridge import AdapterError, CheckpointError, load_adapter, open_checkpoint  # noqa: E402
 from bridge.checkpoint import save_checkpoint  # noqa: E402
 from hfjax import cli  # noqa: E402
 from hfjax.errors import UserError  # noqa: E402
 from hfjax.models.config import ModelConfig  # noqa: E402
 from hfjax.models.key_tables import hf_shape, key_table  # noqa: E402
+from hfjax.testing.hf_models import load_hf_model, make_hf_model, make_peft_adapter, torch_logits  # noqa: E402
 from hfjax.tools import lora_from_delta, merge_full  # noqa: E402
 from hfjax.tools._shared import linear_modules  # noqa: E402
 

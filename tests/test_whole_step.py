@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_fixtures import load_hf_model, make_hf_model, make_peft_adapter
 
 from bridge import load_adapter
 from hfjax.fusion import (
@@ -35,8 +34,9 @@ from hfjax.fusion import (
     torch_state_dict_to_params,
 )
 from hfjax.fusion.rdm import group_key, rdm_draws
-from hfjax.fusion.synthetic import random_adapter
 from hfjax.models.config import ModelConfig
+from hfjax.testing.adapters import random_adapter
+from hfjax.testing.hf_models import load_hf_model, make_hf_model, make_peft_adapter
 from hfjax.training.accumulation import windows
 from hfjax.training.fuse_loop import fused_B_numpy, stack_window
 from hfjax.training.fuse_step import FuseStatics, fuse_step, loss_and_grads
@@ -44,8 +44,8 @@ from hfjax.training.fused_export import fused_adapter
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
-from torch_reference import HeteroFusionTransferNet  # noqa: E402
-from torch_reference import rdm_from_draws as torch_rdm  # noqa: E402
+from hfjax.testing.torch_reference import HeteroFusionTransferNet  # noqa: E402
+from hfjax.testing.torch_reference import rdm_from_draws as torch_rdm  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

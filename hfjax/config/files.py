@@ -60,7 +60,7 @@ EXPORT_FILE = "adapter_model.safetensors"
 
 # Fields that hold filesystem paths (``~`` is expanded in them), per job kind.
 _FUSE_PATH_FIELDS = ("output_dir", "target.model_path", "target.adapter_path", "data.data_root")
-_LORA_PATH_FIELDS = ("model_path", "data_root", "output_dir")
+_LORA_PATH_FIELDS = ("model_path", "data_root", "output_dir", "init_adapter")
 
 
 def export_dir(cfg: Any) -> str:

@@ -125,6 +125,7 @@ class LoraJob:
     lora: LoraSpec  # ``lora.*``
     optim: OptimizerConfig  # ``train.lr/warmup_ratio/weight_decay``
     train: TrainConfig  # the rest of ``train.*``
+    init_adapter: str = ""  # PEFT adapter to continue training from ("" = fresh LoRA)
 
     @property
     def run_dir(self) -> str:
@@ -144,6 +145,8 @@ class LoraJob:
         out += template_problems(self.template, "template")
         # Datasets are looked up by the loader, whose DataError names the data root.
         out += self.data.check(check_paths=check_paths, find_datasets=False, at="")
+        if self.init_adapter and check_paths and not os.path.isdir(self.init_adapter):
+            out.append(problem("init_adapter", self.init_adapter, "no such adapter directory"))
         out += self.lora.check()
         out += self.optim.check()
         out += self.train.check()
@@ -246,6 +249,7 @@ def lora_job_from(cfg: ConfigDict) -> LoraJob:
         # train-lora's schema has no b1/b2/eps: AdamW's defaults.
         optim=_optim(cfg.train, b1=0.9, b2=0.999, eps=1e-8),
         train=_train(cfg.train),
+        init_adapter=os.path.expanduser(cfg.get("init_adapter", "")),
     )
 
 

@@ -200,6 +200,16 @@ def classification_scores(predictions: Sequence[str], references: Sequence[str],
     return {"accuracy": accuracy, "f1": f1, "mcc": _mcc(preds, refs, label_set), "n": n}
 
 
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of answers equal to their reference after :func:`strip_generation` and
+    whitespace collapsing (case-sensitive): the score of free-form answers (0 when empty)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    same = [_normalize(strip_generation(p)) == _normalize(strip_generation(r))
+            for p, r in zip(predictions, references, strict=True)]
+    return sum(same) / len(same) if same else 0.0
+
+
 def _mcc(preds: Sequence[str], refs: Sequence[str], labels: Sequence[str]) -> float:
     classes = list(dict.fromkeys([*labels, *refs, *preds]))
     index = {c: i for i, c in enumerate(classes)}

@@ -44,9 +44,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from bridge import LoraAdapter, LoraModule, make_adapter_config, module_rank_scale, save_adapter
+from bridge import (
+    LoraAdapter,
+    LoraModule,
+    load_adapter,
+    make_adapter_config,
+    module_rank_scale,
+    save_adapter,
+)
 from hfjax.atomic import write_json_atomic
 from hfjax.config import (
+    ConfigError,
     LoraJob,
     OptimizerConfig,
     as_lora_job,
@@ -122,6 +130,23 @@ def to_lora_adapter(params: LoraParams, config: Mapping[str, Any]) -> LoraAdapte
         mods[name] = LoraModule(name=name, A=np.asarray(p["A"], np.float32),
                                 B=np.asarray(p["B"], np.float32), scale=scale)
     return LoraAdapter(config=dict(config), modules=mods)
+
+
+def _from_adapter(path: str, model_cfg: ModelConfig
+                  ) -> tuple[dict[str, Any], LoraParams, dict[str, jax.Array], int]:
+    """``init_adapter``: (adapter config, float32 A/B, per-module scales, max rank)."""
+    from hfjax.models.decoder import check_adapter
+
+    init = load_adapter(path)
+    try:
+        check_adapter(init.to_jax(), model_cfg, where=f"init_adapter {path}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    params = {n: {"A": jnp.asarray(m.A, jnp.float32), "B": jnp.asarray(m.B, jnp.float32)}
+              for n, m in init.modules.items()}
+    scales = {n: jnp.asarray(m.scale, jnp.float32) for n, m in init.modules.items()}
+    config = {**init.config, "inference_mode": True}
+    return config, params, scales, max(m.rank for m in init.modules.values())
 
 
 # ----------------------------------------------------------------------------- the step
@@ -219,6 +244,10 @@ def train_lora(cfg: ConfigDict | LoraJob, *, progress: bool = True,
     frozen = {"base": base, "scale": scales}
     params = init_lora(model_cfg, r=job.lora.r, target_modules=job.lora.target_modules,
                        key=jax.random.PRNGKey(job.seed))
+    rank = int(job.lora.r)
+    if job.init_adapter:  # continue an existing adapter: its factors, scales and config
+        ada_cfg, params, scales, rank = _from_adapter(job.init_adapter, model_cfg)
+        names = list(params)
     n_trainable = int(sum(p["A"].size + p["B"].size for p in params.values()))
     state = {"params": params, "opt_state": optimizer.init(params),
              "step": jnp.zeros((), jnp.int32)}
@@ -231,7 +260,7 @@ def train_lora(cfg: ConfigDict | LoraJob, *, progress: bool = True,
                             keep_checkpoints=tr.keep_checkpoints, stop_after=stop_after,
                             restart=restart, desc=f"train-lora {job.task_name}")
     identity = {"task_name": job.task_name, "steps": steps, "seed": job.seed,
-                "modules": len(names), "r": job.lora.r}
+                "modules": len(names), "r": rank}
     pad_id = pad_id_of(tokenizer)
     buckets = length_buckets(job.data.cutoff_len, job.data.min_bucket)
 
