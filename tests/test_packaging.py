@@ -106,7 +106,8 @@ def test_library_modules_have_no_entry_point(path):
 
 def test_cli_has_every_command():
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"fuse", "train-lora", "eval", "demo", "bench", "memory",
+    assert set(sub.choices) == {"fuse", "train-lora", "eval", "demo", "bench", "memory", "study",
+                                "lora-from-delta", "merge-full",
                                 "tiny-zoo"}
 
 

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from hfjax.config.components import (
-    EXPORT_DTYPES,
     DataSpec,
     LoraSpec,
     MeshConfig,
@@ -45,6 +44,7 @@ from hfjax.config.files import chain_problems
 from hfjax.config.problems import ConfigError, problem, raise_problems
 from hfjax.config.sources import source_items
 from hfjax.config.tree import ConfigDict
+from hfjax.training.fused_export import EXPORT_DTYPES
 
 __all__ = [
     "FuseJob",

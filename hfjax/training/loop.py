@@ -79,7 +79,9 @@ class LoopSettings:
     desc: str = "train"  # the progress bar's label
 
     def __post_init__(self) -> None:
-        for name in ("total_steps", "log_every", "keep_checkpoints"):
+        if self.total_steps < 0:  # 0: nothing to train (e.g. fewer micro-batches than accum)
+            raise ValueError(f"LoopSettings.total_steps={self.total_steps}: must be >= 0")
+        for name in ("log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoopSettings.{name}={getattr(self, name)}: must be >= 1")
         if self.checkpoint_every < 0:
