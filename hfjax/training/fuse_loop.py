@@ -39,6 +39,7 @@ from hfjax.fusion import (
     init_fusion_params,
     param_count,
 )
+from hfjax.fusion.controls import apply_source_control, source_control_of
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.key_tables import logical_axes_tree
@@ -104,6 +105,7 @@ class Inputs:
 
 def prepare(cfg: Any) -> Inputs:
     """Load and check everything that does not need the base weights (fast, for --dry_run)."""
+    control = source_control_of(cfg)
     target = load_adapter(cfg.target.adapter_path)
     specs = source_specs(cfg)
     if not specs:
@@ -112,10 +114,9 @@ def prepare(cfg: Any) -> Inputs:
     names = [n for n, _ in specs]
     plan = build_plan(target, sources, block_size=cfg.fusion.block_size,
                       transfer_ratio=cfg.fusion.transfer_ratio, source_names=names)
-    contexts = build_contexts(plan, target, sources)
-    if cfg.fusion.zero_sources:  # ablation: is the gain from the sources or from replay alone?
-        contexts = {g: [{**c, "src": np.zeros_like(c["src"]), "src_s": np.zeros_like(c["src_s"])}
-                        for c in buckets] for g, buckets in contexts.items()}
+    # Controls (zero / noise / mismatch): is the gain from the sources or from replay alone?
+    contexts = apply_source_control(build_contexts(plan, target, sources), plan, control,
+                                    seed=cfg.seed)
     model_cfg = ModelConfig.from_hf(cfg.target.model_path,
                                     source=str(Path(cfg.target.model_path) / "config.json"))
     tokenizer = load_tokenizer(cfg.target.model_path)
