@@ -276,16 +276,26 @@ def test_prepare_zero_sources_alias_equals_zero_control(zoo, tmp_path):
         prepare(_tiny(zoo, tmp_path / "d", zero_sources=True, source_control="noise"))
 
 
-def test_fuse_runs_with_each_control_and_differ(zoo, tmp_path):
-    from bridge import load_adapter
+@pytest.fixture(scope="module")
+def control_runs(zoo, tmp_path_factory):
+    """A 2-step fuse run with each source control (one compilation: same statics)."""
     from hfjax.training.fuse_loop import run_fusion
 
     out = {}
     for control in ("none", "zero", "noise", "mismatch"):
-        res = run_fusion(_tiny(zoo, tmp_path / control, source_control=control), progress=False)
+        cfg = _tiny(zoo, tmp_path_factory.mktemp(control), source_control=control)
+        out[control] = (cfg, run_fusion(cfg, progress=False))
+    return out
+
+
+def test_fuse_runs_with_each_control_and_differ(zoo, control_runs):
+    from bridge import load_adapter
+
+    out = {}
+    for control, (_, res) in control_runs.items():
         assert res.steps == 2 and res.adapter_dir is not None
         out[control] = load_adapter(res.adapter_dir)
-        fused = res.report["alpha_times_delta_B_fro"]
+    fused = control_runs["none"][1].report["alpha_times_delta_B_fro"]
     target = load_adapter(zoo["target_adapter"])
     for control in ("zero", "noise", "mismatch"):
         diff = max(float(np.abs(out[control].modules[n].B - out["none"].modules[n].B).max())
@@ -297,17 +307,15 @@ def test_fuse_runs_with_each_control_and_differ(zoo, tmp_path):
                 np.testing.assert_array_equal(out[control].modules[n].B, m.B)
 
 
-def test_probe_on_trained_networks_with_test_nll(zoo, tmp_path):
+def test_probe_on_trained_networks_with_test_nll(control_runs):
     """The probe on networks a fuse run trained, with the caller's NLL on replay examples."""
     from hfjax.loading import from_pretrained
     from hfjax.training.data import iterate_batches
-    from hfjax.training.fuse_loop import prepare, reuse_networks, run_fusion, statics_from
+    from hfjax.training.fuse_loop import prepare, reuse_networks, statics_from
     from hfjax.training.fuse_step import patched_adapter
     from hfjax.training.objective import lm_loss
 
-    cfg = _tiny(zoo, tmp_path)
-    cfg.train.max_steps = 4
-    res = run_fusion(cfg, progress=False)
+    cfg, res = control_runs["none"]
     inp = prepare(cfg)
     st = statics_from(cfg, inp.plan, inp.model_cfg)
     params = init_fusion_params(inp.plan, inp.contexts, key=jax.random.PRNGKey(0),
@@ -317,7 +325,7 @@ def test_probe_on_trained_networks_with_test_nll(zoo, tmp_path):
     base = from_pretrained(cfg.target.model_path, dtype="float32").params
     adapter = inp.target.to_jax(jnp.float32)
     batch = next(iterate_batches(inp.replay.examples, batch_size=8, epoch=0, seed=0,
-                                 buckets=(160,), pad_id=0))
+                                 buckets=(160,), pad_id=inp.tokenizer.pad_token_id or 0))
     nll_jit = jax.jit(lambda b: lm_loss(base, inp.model_cfg, batch, patched_adapter(adapter, b)))
 
     rows = probe_sources(params, inp.contexts, inp.plan, net_kwargs=st.net_kwargs,
