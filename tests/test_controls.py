@@ -294,6 +294,7 @@ def test_fuse_runs_with_each_control_and_differ(zoo, control_runs):
     out = {}
     for control, (_, res) in control_runs.items():
         assert res.steps == 2 and res.adapter_dir is not None
+        assert res.report["source_control"] == control
         out[control] = load_adapter(res.adapter_dir)
     fused = control_runs["none"][1].report["alpha_times_delta_B_fro"]
     target = load_adapter(zoo["target_adapter"])

@@ -455,6 +455,7 @@ def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseS
         "target_model": str(cfg.target.model_path),
         "sources": [{"name": n, "adapter_path": p} for n, p in source_specs(cfg)],
         "template": inp.template,
+        "source_control": source_control_of(cfg),  # "none" unless this run is a control
         "plan": inp.plan.report(),
         "alpha": alpha,
         "alpha_times_delta_B_fro": delta_norms,
