@@ -90,6 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.gate = "svd"
     # Ablation: replace every source tensor by zeros (does the gain come from the sources?).
     config.fusion.zero_sources = False
+    # Source control (issue #13): "none" (the real sources), "zero" (every source token zero;
+    # the same as zero_sources=True), "noise" (each source token replaced by Gaussian noise of
+    # its L2 norm, seeded from seed), or "mismatch" (source tokens dealt out to other modules
+    # by a seeded derangement). A fused run that does no better than its controls transferred
+    # nothing from the sources. See hfjax.fusion.controls.
+    config.fusion.source_control = "none"
     # Transfer networks are keyed by (group_name, module type, rank); a later task of the same
     # file with the same group_name continues training the earlier task's networks, as the
     # original's cache does (its `fusion_group_name`).

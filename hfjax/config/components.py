@@ -196,6 +196,20 @@ class SourceSpec:
     head_dim: int = 0  # head size of the source base (0 = unknown)
 
 
+SOURCE_CONTROLS = ("none", "zero", "noise", "mismatch")  # fusion.source_control
+
+
+def source_control_problems(control: Any, zero_sources: Any) -> list[str]:
+    """The rules of ``fusion.source_control`` and its alias ``fusion.zero_sources``."""
+    if control not in SOURCE_CONTROLS:
+        return [problem("fusion.source_control", control,
+                        f"must be one of {', '.join(SOURCE_CONTROLS)}")]
+    if zero_sources and control not in ("none", "zero"):
+        return [problem("fusion.zero_sources", zero_sources,
+                        f"conflicts with fusion.source_control={control!r}; set only one")]
+    return []
+
+
 def sources_problems(sources: Sequence[SourceSpec], *, check_paths: bool = True,
                      at: str = "sources") -> list[str]:
     """The rules of the source list: at least one, unique names, adapters that exist."""

@@ -37,6 +37,7 @@ from hfjax.config.components import (
     TrainConfig,
     TransferNetConfig,
     run_problems,
+    source_control_problems,
     sources_problems,
     template_problems,
 )
@@ -82,6 +83,12 @@ class FuseJob:
     reuse_from: str = ""  # ``fusion.reuse_from``: earlier task whose networks start this one
     zero_sources: bool = False  # ``fusion.zero_sources``: the zero-source ablation
     export_dtype: str = "float32"  # ``fusion.export_dtype``: dtype of the fused factors
+    source_control: str = "none"  # ``fusion.source_control``: none | zero | noise | mismatch
+
+    @property
+    def control(self) -> str:
+        """The source control this run applies (``zero_sources`` is an alias of "zero")."""
+        return "zero" if self.zero_sources else self.source_control
 
     @property
     def run_dir(self) -> str:
@@ -96,6 +103,7 @@ class FuseJob:
         out += self.data.check(check_paths=check_paths)
         out += self.plan.check()
         out += self.net.check()
+        out += source_control_problems(self.source_control, self.zero_sources)
         if self.export_dtype not in EXPORT_DTYPES:
             out.append(problem("fusion.export_dtype", self.export_dtype,
                                f"must be one of {', '.join(EXPORT_DTYPES)}"))
@@ -220,6 +228,7 @@ def fuse_job_from(cfg: ConfigDict) -> tuple[FuseJob, list[str]]:
                         rules=tuple(tuple(x) if isinstance(x, list) else x for x in m.rules)),
         group_name=f.group_name, reuse_from=f.reuse_from, zero_sources=bool(f.zero_sources),
         export_dtype=f.get("export_dtype", "float32"),
+        source_control=f.get("source_control", "none"),
     )
     return job, problems
 

@@ -17,6 +17,7 @@ The pipeline, as the training loop uses it::
 """
 
 from hfjax.fusion.blocks import build_contexts, svd_descriptor, to_blocks
+from hfjax.fusion.controls import SOURCE_CONTROLS, apply_source_control, source_control_of
 from hfjax.fusion.matches import SourceMatch
 from hfjax.fusion.network import (
     TransferNet,
@@ -35,6 +36,7 @@ from hfjax.fusion.plan import (
     build_plan,
     parse_transfer_ratio,
 )
+from hfjax.fusion.probe import probe_markdown, probe_sources
 from hfjax.fusion.rdm import average_rdm, rdm_loss
 from hfjax.fusion.torch_compat import (
     from_torch_state_dict,
@@ -49,8 +51,10 @@ __all__ = [
     "FusionPlan",
     "Group",
     "ModuleEntry",
+    "SOURCE_CONTROLS",
     "SourceMatch",
     "TransferNet",
+    "apply_source_control",
     "average_rdm",
     "build_contexts",
     "build_plan",
@@ -62,8 +66,11 @@ __all__ = [
     "params_to_torch_state_dict",
     "parse_transfer_ratio",
     "predict_delta_B",
+    "probe_markdown",
+    "probe_sources",
     "rdm_loss",
     "reference_forward",
+    "source_control_of",
     "svd_descriptor",
     "to_blocks",
     "torch_state_dict_to_params",

@@ -42,6 +42,7 @@ from hfjax.fusion import (
     init_fusion_params,
     param_count,
 )
+from hfjax.fusion.controls import apply_source_control
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.key_tables import logical_axes_tree
@@ -101,10 +102,9 @@ def prepare(cfg: ConfigDict | FuseJob) -> Inputs:
     opts, sources = load_sources([dataclasses.asdict(s) for s in job.sources], target)
     names = [o.name for o in opts]
     plan = build_plan(target, sources, job.plan, source_names=names)
-    contexts = build_contexts(plan, target, sources)
-    if job.zero_sources:  # ablation: is the gain from the sources or from replay alone?
-        contexts = {g: [{**c, "src": np.zeros_like(c["src"]), "src_s": np.zeros_like(c["src_s"])}
-                        for c in buckets] for g, buckets in contexts.items()}
+    # Controls (zero / noise / mismatch): is the gain from the sources or from replay alone?
+    contexts = apply_source_control(build_contexts(plan, target, sources), plan, job.control,
+                                    seed=job.seed)
     model_cfg = ModelConfig.from_hf(job.target.model_path,
                                     source=str(Path(job.target.model_path) / "config.json"))
     tokenizer = load_tokenizer(job.target.model_path)
@@ -380,6 +380,7 @@ def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: F
         "target_model": str(job.target.model_path),
         "sources": [{"name": s.name, "adapter_path": s.adapter_path} for s in job.sources],
         "template": inp.template,
+        "source_control": job.control,  # "none" unless this run is a control
         "plan": inp.plan.report(),
         "alpha": alpha,
         "export_dtype": {"option": job.export_dtype,
