@@ -112,6 +112,8 @@ ConfigDict = ml_collections.ConfigDict
 TEMPLATES = (*_CHAT_TEMPLATES, "auto")
 TEMPLATE_BY_MODEL_TYPE = {name: f.template for name, f in _FAMILIES.items()}
 GATES = ("svd", "open")
+LAYER_ALIGNMENTS = ("tail", "head", "naive", "uniform")  # = hfjax.fusion.plan's (a test checks)
+UPDATE_MODES = ("b_only", "a_only", "ab_joint")  # = hfjax.fusion.plan's (a test checks)
 ACTIVATIONS = ("relu", "prelu")
 RDM_SORTS = ("auto", "xla", "host")
 BASE_DTYPES = ("bfloat16", "float32")
@@ -1035,6 +1037,8 @@ def validate_config(cfg: ConfigDict, *, check_paths: bool = True) -> None:
     except ConfigError:
         bad("fusion.transfer_ratio", cfg.fusion.transfer_ratio, "expected a number or 'a/b'")
     choice("fusion.gate", GATES)
+    choice("fusion.layer_alignment", LAYER_ALIGNMENTS)
+    choice("fusion.update_mode", UPDATE_MODES)
     nonempty("fusion.group_name")
 
     # RDM.

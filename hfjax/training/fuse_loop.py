@@ -116,8 +116,11 @@ def prepare(cfg: Any) -> Inputs:
         {"name": n, "adapter_path": p} for n, p in specs]
     opts, sources = load_sources(list(entries), target)  # fused projections split here
     names = [o.name for o in opts]
+    # The later release's two options (SPEC §11) are read here only; the plan carries them.
     plan = build_plan(target, sources, block_size=cfg.fusion.block_size,
-                      transfer_ratio=cfg.fusion.transfer_ratio, source_names=names)
+                      transfer_ratio=cfg.fusion.transfer_ratio, source_names=names,
+                      layer_alignment=cfg.fusion.layer_alignment,
+                      update_mode=cfg.fusion.update_mode)
     contexts = build_contexts(plan, target, sources)
     if cfg.fusion.zero_sources:  # ablation: is the gain from the sources or from replay alone?
         contexts = {g: [{**c, "src": np.zeros_like(c["src"]), "src_s": np.zeros_like(c["src_s"])}
@@ -356,23 +359,41 @@ def _compiles() -> int:
 _run_networks_jit = jax.jit(run_networks, static_argnums=2)
 
 
-def fused_B_numpy(params: Any, frozen: dict[str, Any], st: FuseStatics
-                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    new_B, _, attn = _run_networks_jit(params, frozen, st)
-    return {k: np.asarray(v) for k, v in new_B.items()}, jax.device_get(attn)
+def fused_factors_numpy(params: Any, frozen: dict[str, Any], st: FuseStatics
+                        ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """The patched factors ``{"B"?: {module: B'}, "A"?: {module: A'}}`` (numpy float32, per
+    ``st.plan.update_mode``) and the attention per group."""
+    factors, _, attn = _run_networks_jit(params, frozen, st)
+    return ({f: {k: np.asarray(v) for k, v in mods.items()} for f, mods in factors.items()},
+            jax.device_get(attn))
+
+
+def _with_A(adapter: LoraAdapter, new_A: Mapping[str, np.ndarray]) -> LoraAdapter:
+    """A copy whose listed modules get new A matrices, written in float32 (fused modules)."""
+    mods = dict(adapter.modules)
+    for name, a in new_A.items():
+        if a.shape != mods[name].A.shape:
+            raise ValueError(f"{name}: new A has shape {a.shape}, expected {mods[name].A.shape}")
+        mods[name] = dataclasses.replace(mods[name], A=np.asarray(a, np.float32))
+    return LoraAdapter(config=dict(adapter.config), modules=mods, path=None)
 
 
 def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseStatics,
            out_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """Write ``merged_lora/`` (A unchanged, B + α·ΔB on fused modules) and the report dict."""
-    new_B, attn = fused_B_numpy(params, frozen, st)
-    fused = inp.target.with_B(new_B)
+    """Write ``merged_lora/`` (the factors ``update_mode`` patches: B + α·ΔB and/or
+    A + α·ΔA on fused modules; the rest unchanged) and the report dict."""
+    factors, attn = fused_factors_numpy(params, frozen, st)
+    new_B, new_A = factors.get("B", {}), factors.get("A", {})
+    fused = _with_A(inp.target.with_B(new_B), new_A)
     fused.config = {**inp.target.config, "inference_mode": True}
     adapter_dir = save_adapter(fused, out_dir / "merged_lora")
     delta_norms = {}
     for name, b in new_B.items():
         b0 = np.asarray(inp.target.modules[name].B, np.float32)
         delta_norms[name] = float(np.linalg.norm(b - b0))
+    delta_A_norms = {name: float(np.linalg.norm(a - np.asarray(inp.target.modules[name].A,
+                                                                  np.float32)))
+                     for name, a in new_A.items()}
     alpha = {k: float(v) for k, v in jax.device_get(params["alpha"]).items()}
     report = {
         "task_name": cfg.task_name,
@@ -382,7 +403,9 @@ def export(cfg: Any, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseS
         "template": inp.template,
         "plan": inp.plan.report(),
         "alpha": alpha,
+        "update_mode": inp.plan.update_mode,
         "alpha_times_delta_B_fro": delta_norms,
+        "alpha_times_delta_A_fro": delta_A_norms,
         "attention_by_source": attention_by_source(inp.plan, inp.sources, attn),
         "trainable_params": param_count(params),
         "replay": {k: dict(v) for k, v in inp.replay.stats.items()},
