@@ -28,7 +28,7 @@ from hfjax.fusion import (
     predict_deltas,
 )
 from hfjax.fusion.synthetic import random_adapter
-from hfjax.training.fuse_loop import prepare, run_fusion, statics_from
+from hfjax.training.fuse_loop import export, prepare, reuse_networks, run_fusion, statics_from
 from hfjax.training.fuse_step import patch_factors, patched_adapter, run_networks
 
 NET = {"embed_dim": 32, "num_heads": 4, "max_pos": 64, "mu_gate": 0.1, "gate": "svd"}
@@ -149,23 +149,54 @@ def _config(zoo, out, mode):
     cfg = tiny_fuse_config(zoo, out)
     cfg.fusion.update_mode = mode
     cfg.train.epochs = 1
-    cfg.train.max_steps = 4
+    cfg.train.max_steps = 2
     return cfg
+
+
+def _perturbed(params):
+    """Networks whose last decoder layer is not zero (so that ΔA, ΔB are not zero)."""
+    nets = {}
+    for i, (g, p) in enumerate(params["nets"].items()):
+        k = 0.05 * jax.random.normal(jax.random.key(3 + i), p["decoder_out"]["kernel"].shape)
+        nets[g] = {**p, "decoder_out": {**p["decoder_out"], "kernel": k}}
+    return {**params, "nets": nets}
+
+
+def _params(cfg, inp):
+    f = cfg.fusion
+    return init_fusion_params(inp.plan, inp.contexts, key=jax.random.key(0),
+                              embed_dim=f.embed_dim, num_heads=f.num_heads, max_pos=f.max_pos,
+                              mu_gate=f.mu_gate, gate=f.gate, alpha_init=f.alpha_init)
 
 
 @pytest.fixture(scope="module")
 def runs(zoo, tmp_path_factory):
-    return {mode: run_fusion(_config(zoo, tmp_path_factory.mktemp(mode), mode), progress=False)
-            for mode in ("a_only", "ab_joint")}
+    """ab_joint: a short real run (the step trains through A and B); a_only: the export of
+    networks with a random last layer (no step to compile: the export path is the same)."""
+    cfg = _config(zoo, tmp_path_factory.mktemp("ab_joint"), "ab_joint")
+    res = run_fusion(cfg, progress=False)
+    inp = prepare(cfg)
+    params = reuse_networks(_params(cfg, inp), res.output_dir)
+    params = {**params, "alpha": {g: jnp.float32(a) for g, a in res.report["alpha"].items()}}
+    out = {"ab_joint": (res.adapter_dir, res.report, cfg, inp, params)}
+
+    cfg = _config(zoo, tmp_path_factory.mktemp("a_only"), "a_only")
+    inp = prepare(cfg)
+    params = _perturbed(_params(cfg, inp))
+    frozen = {"adapter": inp.target.to_jax(jnp.float32), "contexts": inp.contexts}
+    st = statics_from(cfg, inp.plan, inp.model_cfg)
+    adapter_dir, report = export(cfg, inp, params, frozen, st, tmp_path_factory.mktemp("a_out"))
+    out["a_only"] = (adapter_dir, report, cfg, inp, params)
+    return out
 
 
 def test_a_only_patches_A_and_leaves_B(zoo, runs):
-    res = runs["a_only"]
-    target, fused = load_adapter(zoo["target_adapter"]), load_adapter(res.adapter_dir)
-    fused_names = {m["name"] for g in res.report["plan"]["groups"]
+    adapter_dir, report, *_ = runs["a_only"]
+    target, fused = load_adapter(zoo["target_adapter"]), load_adapter(adapter_dir)
+    fused_names = {m["name"] for g in report["plan"]["groups"]
                    for b in g["buckets"] for m in b["modules"]}
-    assert set(res.report["alpha_times_delta_A_fro"]) == fused_names
-    assert res.report["alpha_times_delta_B_fro"] == {} and res.report["update_mode"] == "a_only"
+    assert set(report["alpha_times_delta_A_fro"]) == fused_names
+    assert report["alpha_times_delta_B_fro"] == {} and report["update_mode"] == "a_only"
     for name, m in target.modules.items():
         np.testing.assert_array_equal(fused.modules[name].B, m.B)
         if name in fused_names:
@@ -176,11 +207,11 @@ def test_a_only_patches_A_and_leaves_B(zoo, runs):
 
 
 def test_ab_joint_patches_both(zoo, runs):
-    res = runs["ab_joint"]
-    target, fused = load_adapter(zoo["target_adapter"]), load_adapter(res.adapter_dir)
-    fused_names = set(res.report["alpha_times_delta_A_fro"])
-    assert fused_names == set(res.report["alpha_times_delta_B_fro"]) and fused_names
-    for name in fused_names:
+    adapter_dir, report, *_ = runs["ab_joint"]
+    target, fused = load_adapter(zoo["target_adapter"]), load_adapter(adapter_dir)
+    fused_names = set(report["alpha_times_delta_A_fro"])
+    assert fused_names == set(report["alpha_times_delta_B_fro"]) and fused_names
+    for name in fused_names:  # trained: the networks' last layer moved off zero
         assert not np.array_equal(fused.modules[name].A, target.modules[name].A), name
         assert not np.array_equal(fused.modules[name].B, target.modules[name].B), name
 
@@ -191,32 +222,21 @@ def test_export_matches_our_forward_and_peft(zoo, runs, mode):
     peft = pytest.importorskip("peft")
     import transformers
 
-    res = runs[mode]
-    cfg = _config(zoo, res.output_dir.parent, mode)
-    inp = prepare(cfg)
+    adapter_dir, _, cfg, inp, params = runs[mode]
     st = statics_from(cfg, inp.plan, inp.model_cfg)
-    # Our forward with the factors the networks patch, recomputed from the trained networks.
-    from hfjax.training.fuse_loop import reuse_networks
-
-    f = cfg.fusion
-    params = init_fusion_params(inp.plan, inp.contexts, key=jax.random.key(0),
-                                embed_dim=f.embed_dim, num_heads=f.num_heads, max_pos=f.max_pos,
-                                mu_gate=f.mu_gate, gate=f.gate, alpha_init=f.alpha_init)
-    params = reuse_networks(params, res.output_dir)
-    params = {**params, "alpha": {g: jnp.float32(a) for g, a in res.report["alpha"].items()}}
     frozen = {"adapter": inp.target.to_jax(jnp.float32), "contexts": inp.contexts}
     factors, _, _ = jax.jit(run_networks, static_argnums=2)(params, frozen, st)
     assert set(factors) == ({"A"} if mode == "a_only" else {"A", "B"})
     model = hfjax.from_pretrained(zoo["base_llama"], dtype="float32")
     ids = np.arange(5, 29)[None]
     ours = np.asarray(model(ids, adapter=patch_factors(frozen["adapter"], factors)))
-    exported = np.asarray(model(ids, adapter=load_adapter(res.adapter_dir)))
+    exported = np.asarray(model(ids, adapter=load_adapter(adapter_dir)))
     np.testing.assert_allclose(exported, ours, atol=1e-5)
     assert np.abs(exported - np.asarray(model(ids, adapter=inp.target))).max() > 1e-4
 
     base = transformers.AutoModelForCausalLM.from_pretrained(
         zoo["base_llama"], dtype="float32", attn_implementation="eager").eval()
-    pm = peft.PeftModel.from_pretrained(base, str(res.adapter_dir)).eval()
+    pm = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.no_grad():
         ref = pm(input_ids=torch.as_tensor(ids)).logits.numpy()
     err = float(np.abs(exported - ref).max())
