@@ -33,6 +33,8 @@ SHARED_BLOCK = {
     "fusion.mu_gate": 0.1,
     "fusion.transfer_ratio": 1.0,
     "fusion.gate": "svd",
+    "fusion.layer_alignment": "tail",
+    "fusion.update_mode": "b_only",
     "fusion.zero_sources": False,
     "rdm.lambda_reg": 0.005,
     "rdm.mu_target": 0.0,
@@ -569,6 +571,10 @@ def test_validate_skips_a_chained_target(tmp_path):
     ("fusion.block_size=0", "fusion.block_size=0"),
     ("fusion.num_heads=3", "fusion.num_heads=3"),
     ("fusion.gate=closed", "fusion.gate='closed'"),
+    ("fusion.layer_alignment=middle", "fusion.layer_alignment='middle': must be one of tail, "
+                                      "head, naive, uniform"),
+    ("fusion.update_mode=both", "fusion.update_mode='both': must be one of b_only, a_only, "
+                                "ab_joint"),
     ("rdm.activation=gelu", "rdm.activation='gelu'"),
     ("rdm.sort=bitonic", "rdm.sort='bitonic'"),
     ("rdm.sigma_target=0", "rdm.sigma_target=0.0"),
@@ -591,6 +597,21 @@ def test_validate_names_field_and_value(tmp_path, override, field):
         validate_config(cfg, check_paths=False)
     assert len(e.value.problems) == 1, e.value.problems
     assert e.value.problems[0].startswith(field), e.value.problems
+
+
+def test_option_choices_match_the_fusion_layer():
+    from hfjax.fusion import plan
+
+    assert config_io.LAYER_ALIGNMENTS == plan.LAYER_ALIGNMENTS
+    assert config_io.UPDATE_MODES == plan.UPDATE_MODES
+
+
+@pytest.mark.parametrize("override", ["fusion.layer_alignment=uniform",
+                                      "fusion.update_mode=ab_joint"])
+def test_later_release_options_validate(tmp_path, override):
+    cfg = _valid(tmp_path)
+    apply_overrides(cfg, [override])
+    validate_config(cfg, check_paths=False)
 
 
 def test_template_resolution_and_export_dir(tmp_path):
