@@ -178,7 +178,7 @@ def attention_by_source(plan: FusionPlan, sources: Sequence[LoraAdapter],
         for b, a in zip(g.buckets, attn[g.name], strict=True):
             a = np.asarray(a)  # (M, n_b, n_s)
             for i, m in enumerate(b.modules):
-                row = a[i].mean(axis=0)  # mean over B query tokens -> (n_s,)
+                row = a[i].mean(axis=0)  # mean over the decoded (query) tokens -> (n_s,)
                 share: dict[str, float] = {}
                 pos = 0
                 for src_idx, src_name in m.sources:
