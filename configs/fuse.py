@@ -85,6 +85,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.alpha_init = 0.3
     # Share of the tail-aligned layer pairs that transfer: a float in (0, 1] or "a/b".
     config.fusion.transfer_ratio = config_dict.FieldReference(1.0, field_type=object)
+    # How target and source layers pair (SPEC §11; the later release's model.layer_alignment):
+    # "tail" (the deepest layers meet: the method), "head" or "naive" (layer i with layer i,
+    # from the bottom), "uniform" (the kept pairs spread evenly over both depths).
+    config.fusion.layer_alignment = "tail"
+    # Which target factors the networks patch (SPEC §11; the later release's
+    # training.update_mode): "b_only" (B' = B + alpha * dB, A kept: the method), "a_only"
+    # (A' = A + alpha * dA, B kept) or "ab_joint" (both, with the group's one alpha).
+    config.fusion.update_mode = "b_only"
     # The denoising gate: "svd" (SVD-guided sparse gate, the paper) or "open" (gate = 1, the
     # "w/o denoising" ablation).
     config.fusion.gate = "svd"

@@ -306,7 +306,8 @@ class JaxSide:
         cot = {n: jnp.ones_like(self.frozen["adapter"][n]["B"]) for n in plan.fused_modules}
 
         def net_loss(p: Any, frozen: Any, key: Any) -> Any:  # frozen arrays as arguments,
-            new_B, zs, _ = fs.run_networks(p, frozen, st)  # not compile-time constants
+            factors, zs, _ = fs.run_networks(p, frozen, st)  # not compile-time constants
+            new_B = factors["B"]  # b_only
             lin = sum(jnp.sum(new_B[n] * cot[n]) for n in new_B)
             return lin + average_rdm(zs, key, **st.rdm_kwargs)
 

@@ -33,6 +33,8 @@ SHARED_BLOCK = {
     "fusion.mu_gate": 0.1,
     "fusion.transfer_ratio": 1.0,
     "fusion.gate": "svd",
+    "fusion.layer_alignment": "tail",
+    "fusion.update_mode": "b_only",
     "fusion.zero_sources": False,
     "rdm.lambda_reg": 0.005,
     "rdm.mu_target": 0.0,
@@ -340,8 +342,6 @@ def test_yaml_unknown_fields_elsewhere(tmp_path, roots):
     ("ratio: all", "ratio: 0.5", r"datasets\[1\]\.ratio'=0\.5.*ratio: all"),
     (", ratio: all", "", r"ratio' missing \(the original's default is 0\.1\)"),
     ("type: main", "type: replay, ratio: all", "no 'type: main' dataset"),
-    ("datasets:", "layer_alignment: head\n  datasets:", r"layer_alignment'='head' is not supp"),
-    ("lr: 1.0e-4", "update_mode: ab_joint", r"update_mode'='ab_joint' is not supported"),
     ("lr: 1.0e-4", "output_dir: x", r"training\.output_dir': set it with output_dir"),
     ("lr: 1.0e-4", "batch_size: 2", r"'train\.batch_size' is set twice"),
     ("lr: 1.0e-4", "lr: 1.0e-4\n    grad_accum: 1.5",
@@ -355,6 +355,19 @@ def test_yaml_refuses_what_it_cannot_honour(tmp_path, roots, old, new, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(path)
     assert "\n" not in str(e.value)
+
+
+def test_yaml_later_release_options_map_to_fusion_fields(tmp_path, roots):
+    text = (MINIMAL_YAML % "lr: 1.0e-4\n    update_mode: ab_joint").replace(
+        "datasets:", "layer_alignment: uniform\n  datasets:", 1)
+    (cfg,) = load_config(write(tmp_path / "run.yaml", text))
+    assert cfg.fusion.layer_alignment == "uniform" and cfg.fusion.update_mode == "ab_joint"
+    bad = text.replace("ab_joint", "both").replace("uniform", "middle")
+    (cfg,) = load_config(write(tmp_path / "bad.yaml", bad))
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg, check_paths=False)
+    assert any(p.startswith("fusion.layer_alignment='middle': must be") for p in e.value.problems)
+    assert any(p.startswith("fusion.update_mode='both': must be") for p in e.value.problems)
 
 
 def test_yaml_minimal_details(tmp_path, roots):
@@ -569,6 +582,10 @@ def test_validate_skips_a_chained_target(tmp_path):
     ("fusion.block_size=0", "fusion.block_size=0"),
     ("fusion.num_heads=3", "fusion.num_heads=3"),
     ("fusion.gate=closed", "fusion.gate='closed'"),
+    ("fusion.layer_alignment=middle", "fusion.layer_alignment='middle': must be one of tail, "
+                                      "head, naive, uniform"),
+    ("fusion.update_mode=both", "fusion.update_mode='both': must be one of b_only, a_only, "
+                                "ab_joint"),
     ("rdm.activation=gelu", "rdm.activation='gelu'"),
     ("rdm.sort=bitonic", "rdm.sort='bitonic'"),
     ("rdm.sigma_target=0", "rdm.sigma_target=0.0"),
@@ -591,6 +608,22 @@ def test_validate_names_field_and_value(tmp_path, override, field):
         validate_config(cfg, check_paths=False)
     assert len(e.value.problems) == 1, e.value.problems
     assert e.value.problems[0].startswith(field), e.value.problems
+
+
+def test_option_choices_match_the_fusion_layer():
+    from hfjax.config import components
+    from hfjax.fusion import plan
+
+    assert components.LAYER_ALIGNMENTS is plan.LAYER_ALIGNMENTS  # one table, re-exported
+    assert components.UPDATE_MODES is plan.UPDATE_MODES
+
+
+@pytest.mark.parametrize("override", ["fusion.layer_alignment=uniform",
+                                      "fusion.update_mode=ab_joint"])
+def test_later_release_options_validate(tmp_path, override):
+    cfg = _valid(tmp_path)
+    apply_overrides(cfg, [override])
+    validate_config(cfg, check_paths=False)
 
 
 def test_template_resolution_and_export_dir(tmp_path):

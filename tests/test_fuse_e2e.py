@@ -55,7 +55,9 @@ def test_delta_b_is_zero_before_first_update(zoo, tmp_path):
                                 embed_dim=f.embed_dim, num_heads=f.num_heads, max_pos=f.max_pos,
                                 mu_gate=f.mu_gate, gate=f.gate, alpha_init=f.alpha_init)
     frozen = {"adapter": inp.target.to_jax(jnp.float32), "contexts": inp.contexts}
-    new_B, _, _ = jax.jit(run_networks, static_argnums=2)(params, frozen, st)
+    factors, _, _ = jax.jit(run_networks, static_argnums=2)(params, frozen, st)
+    new_B = factors["B"]
+    assert set(factors) == {"B"}  # b_only: A is neither computed nor patched
     for name, b in new_B.items():
         np.testing.assert_array_equal(np.asarray(b), inp.target.modules[name].B)
 

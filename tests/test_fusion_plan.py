@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from hfjax.fusion import FusionError, build_plan, parse_transfer_ratio
+from hfjax.fusion.plan import layer_pairs
 from hfjax.models.families import ALL_LINEAR
 from hfjax.testing.adapters import random_adapter
 
@@ -158,3 +159,78 @@ def test_plan_is_a_valid_static_jit_argument():
     plan = build_plan(adapter(4), [adapter(4, seed=1)], block_size=4)
     f = jax.jit(lambda x, plan: x * len(plan.fused_modules), static_argnums=1)
     assert int(f(1, plan)) == 8
+
+
+# (L_t, L_s, ratio, alignment) -> pairs, worked by hand from SPEC §11:
+# overlap = min(L_t, L_s), keep = min(overlap, max(1, int(overlap * ratio))).
+HAND_MAPS = [
+    # tail: the first release's map, last `keep` of the overlap.
+    (32, 28, 1.0, "tail", [(4 + i, i) for i in range(28)]),
+    (28, 32, 0.5, "tail", [(i, 4 + i) for i in range(14, 28)]),  # keep 14 of 28
+    (6, 4, 0.01, "tail", [(5, 3)]),  # keep = 1: the deepest pair
+    # head / naive: (i, i) from the bottom.
+    (5, 3, 1.0, "head", [(0, 0), (1, 1), (2, 2)]),
+    (32, 28, 0.5, "naive", [(i, i) for i in range(14)]),
+    (4, 6, 0.5, "head", [(0, 0), (1, 1)]),
+    # uniform: steps 31/6 and 27/6 give the ties 15.5 -> 16, 4.5 -> 4, 13.5 -> 14, 22.5 -> 22
+    # (half to even), keep = int(28 / 4) = 7.
+    (32, 28, 0.25, "uniform", [(0, 0), (5, 4), (10, 9), (16, 14), (21, 18), (26, 22),
+                               (31, 27)]),
+    # keep 3 of overlap 4: steps 3/2 and 9/2: 1.5 -> 2, 4.5 -> 4.
+    (4, 10, 0.75, "uniform", [(0, 0), (2, 4), (3, 9)]),
+    # keep 3: steps 5/2 and 3/2: 2.5 -> 2 (even), 1.5 -> 2.
+    (6, 4, 0.75, "uniform", [(0, 0), (2, 2), (5, 3)]),
+    # keep = 1: the last layers of both.
+    (5, 9, 0.2, "uniform", [(4, 8)]),
+    (32, 28, 0.01, "uniform", [(31, 27)]),
+    # keep = overlap = L: the identity.
+    (6, 6, 1.0, "uniform", [(i, i) for i in range(6)]),
+]
+
+
+@pytest.mark.parametrize(("l_t", "l_s", "ratio", "alignment", "expected"), HAND_MAPS)
+def test_layer_alignments_by_hand(l_t, l_s, ratio, alignment, expected):
+    assert layer_pairs(l_t, l_s, ratio, alignment) == expected
+    plan = build_plan(adapter(l_t), [adapter(l_s, seed=1)], block_size=4,
+                      transfer_ratio=ratio, layer_alignment=alignment)
+    assert plan.layer_maps == (dict(expected),)
+    assert plan.layer_alignment == alignment
+    assert sorted({m.layer for m in plan.groups[0].modules}) == [t for t, _ in expected]
+    for m in plan.groups[0].modules:
+        (k, src_name), = m.sources
+        assert src_name == f"model.layers.{dict(expected)[m.layer]}.{m.suffix}"
+
+
+def test_uniform_kept_source_layer_outside_the_full_map_is_matched():
+    # L_t 4, L_s 10: the full uniform map uses source layers 0, 3, 6, 9; ratio 3/4 keeps
+    # source layer 4, which the full map lacks: it must read as matched, not unaligned.
+    plan = build_plan(adapter(4), [adapter(10, seed=1)], block_size=4, transfer_ratio=0.75,
+                      layer_alignment="uniform")
+    assert plan.full_layer_maps == ({0: 0, 1: 3, 2: 6, 3: 9},)
+    by_layer = {r.layer: r.status for r in plan.matches}
+    assert by_layer[4] == "matched" and by_layer[9] == "matched" and by_layer[0] == "matched"
+    assert by_layer[3] == "ratio" and by_layer[6] == "ratio" and by_layer[1] == "unaligned"
+    assert "uniform alignment pairs" in plan.describe()
+
+
+def test_describe_spells_out_a_non_shift_map_and_the_modes():
+    plan = build_plan(adapter(32), [adapter(28, seed=1)], block_size=4, transfer_ratio=0.25,
+                      layer_alignment="uniform", update_mode="ab_joint")
+    text = plan.describe()
+    assert "Layer alignment 'uniform'" in text
+    assert "pairs (target:source): 0:0, 5:4, 10:9, 16:14, 21:18, 26:22, 31:27" in text
+    assert "Update mode 'ab_joint'" in text
+    rep = plan.report()
+    assert rep["layer_alignment"] == "uniform" and rep["update_mode"] == "ab_joint"
+    tail = build_plan(adapter(32), [adapter(28, seed=1)], block_size=4).describe()
+    assert "Layer alignment 'tail'" in tail and "pairs (target:source)" not in tail
+    assert "Update mode 'b_only'" in tail
+    assert hash(plan) != hash(build_plan(adapter(32), [adapter(28, seed=1)], block_size=4,
+                                         transfer_ratio=0.25, layer_alignment="uniform"))
+
+
+@pytest.mark.parametrize(("kw", "field"), [({"layer_alignment": "middle"}, "layer_alignment"),
+                                           ({"update_mode": "a_and_b"}, "update_mode")])
+def test_unknown_alignment_or_update_mode_is_refused(kw, field):
+    with pytest.raises(FusionError, match=rf"^{field} must be one of .*got '"):
+        build_plan(adapter(4), [adapter(4, seed=1)], block_size=4, **kw)

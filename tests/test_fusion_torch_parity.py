@@ -21,6 +21,7 @@ from hfjax.fusion import (
     init_fusion_params,
     params_to_torch_state_dict,
     predict_delta_B,
+    predict_deltas,
     svd_descriptor,
     torch_state_dict_to_params,
 )
@@ -187,6 +188,33 @@ def test_end_to_end_delta_B_matches_original_unblocking(net_and_fn):
         np.testing.assert_allclose(dB[m.name], want, **TOL)
     np.testing.assert_allclose(aux["q_proj_r4"][0]["attn"], attn[:, bucket.n_a:], **TOL)
     np.testing.assert_allclose(aux["q_proj_r4"][0]["z_s"], z_s, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["a_only", "ab_joint"])
+def test_end_to_end_delta_A_matches_original_unblocking(net_and_fn, mode):
+    """update_mode (SPEC §11): the torch module's A^T-token outputs, un-blocked and transposed
+    as the later release does, vs predict_deltas' ΔA (and ΔB under ab_joint)."""
+    net, fn = net_and_fn
+    t = random_adapter(3, 20, 24, R, modules=("q_proj",), seed=0)  # d_in 20: 2 A^T tokens
+    s = random_adapter(3, 36, 18, R, modules=("q_proj",), seed=1)
+    plan = build_plan(t, [s], block_size=BS, update_mode=mode)
+    ctx = build_contexts(plan, t, [s])
+    params = {"nets": {"q_proj_r4": fn.params}, "alpha": {"q_proj_r4": jnp.float32(0.3)}}
+    dA, dB, _ = jax.jit(lambda p, c: predict_deltas(p, c, plan, embed_dim=E, num_heads=H,
+                                                    max_pos=MAX_POS, mu_gate=MU))(params, ctx)
+    (bucket,) = plan.group("q_proj_r4").buckets
+    c = ctx["q_proj_r4"][0]
+    delta = torch_forward(net, (c["tgt"], c["tgt_s"], c["src"], c["src_s"]))[0]
+    assert set(dA) == {m.name for m in bucket.modules}
+    assert set(dB) == (set(dA) if mode == "ab_joint" else set())
+    for i, m in enumerate(bucket.modules):
+        rows = torch.from_numpy(delta[i][:m.n_a]).view(-1, BS, R).view(-1, R)
+        want = rows[:m.d_in, :].t().contiguous().numpy()  # (r, d_in)
+        assert dA[m.name].shape == (R, m.d_in)
+        np.testing.assert_allclose(dA[m.name], want, **TOL)
+        if mode == "ab_joint":
+            want_b = delta[i][m.n_a:m.n_a + m.n_b].reshape(-1, R)[:m.d_out]
+            np.testing.assert_allclose(dB[m.name], want_b, **TOL)
 
 
 def test_bad_state_dicts_are_refused(net_and_fn):

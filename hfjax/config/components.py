@@ -196,6 +196,8 @@ class SourceSpec:
     head_dim: int = 0  # head size of the source base (0 = unknown)
 
 
+LAYER_ALIGNMENTS = ("tail", "head", "naive", "uniform")  # fusion.layer_alignment (§11)
+UPDATE_MODES = ("b_only", "a_only", "ab_joint")  # fusion.update_mode (§11)
 SOURCE_CONTROLS = ("none", "zero", "noise", "mismatch")  # fusion.source_control
 
 
@@ -291,6 +293,8 @@ class PlanConfig:
 
     block_size: int = 4096  # rows per block token
     transfer_ratio: float | str = 1.0  # as written: a number or "a/b"; `.ratio` is the float
+    layer_alignment: str = "tail"  # how target and source layers pair (tail|head|naive|uniform)
+    update_mode: str = "b_only"  # which target factors get patched (b_only|a_only|ab_joint)
 
     @property
     def ratio(self) -> float:
@@ -308,6 +312,8 @@ class PlanConfig:
             c.bad("transfer_ratio", self.transfer_ratio, "expected a number or 'a/b'")
         elif not 0.0 < value <= 1.0:  # NaN fails too
             c.bad("transfer_ratio", self.transfer_ratio, "must lie in (0, 1]")
+        c.choice("layer_alignment", self.layer_alignment, LAYER_ALIGNMENTS)
+        c.choice("update_mode", self.update_mode, UPDATE_MODES)
         return c.problems
 
 

@@ -24,7 +24,7 @@ pipeline)::
       source_lora_paths: ["${ADAPTER_ROOT}/Qwen2.5/UIE/RE_conll04", ...]  -> sources
       # (or source_lora_path: one path)
       transfer_ratio: '1'                        # float or "a/b"         -> fusion.transfer_ratio
-      layer_alignment: tail                      # (later release) only "tail" is supported
+      layer_alignment: tail                      # (later release)        -> fusion.layer_alignment
       seed: 42                                   # (later release)        -> seed
       datasets:                                  # mains first, then replays -> data.datasets
       - {name: TweetNER7_sample_15000_sample300, type: main}
@@ -37,7 +37,7 @@ pipeline)::
         num_epochs: 3 / lr: 5.0e-05                                       -> train.epochs / train.lr
         gradient_accumulation_steps: 8                                    -> train.grad_accum
         lambda_reg / mu_target / sigma_target / num_projections           -> rdm.*
-        update_mode: b_only                      # (later release) only "b_only" is supported
+        update_mode: b_only                      # (later release)        -> fusion.update_mode
         seed: 42                                                          -> seed
         # hfjax extras: any schema field, by bare name (warmup_ratio, remat, min_bucket, ...)
         # or dotted path (train.warmup_ratio, mesh.fsdp), or as a nested section (train: {...}).
@@ -110,7 +110,7 @@ _ORIGINAL_TRAINING_FIELDS: dict[str, str | None] = {
     "sigma_target": "rdm.sigma_target",
     "num_projections": "rdm.num_projections",
     "seed": "seed",
-    "update_mode": None,  # only "b_only" (the method) is supported
+    "update_mode": "fusion.update_mode",  # (later release) b_only | a_only | ab_joint
     "variant_note": None,  # free text written by the later release's ablation generator
 }
 # What the original's code uses when a training key is absent (None: it requires the key).
@@ -247,13 +247,6 @@ def _training_fields(block: Any, fields: _Fields, file: str, where: str) -> None
             flat.append((key, value))
     for key, value in flat:
         at = f"{where}.{key}"
-        if key == "update_mode":
-            if value != "b_only":
-                raise ConfigError(
-                    f"{file}: '{at}'={value!r} is not supported (only 'b_only': the target "
-                    "A is kept and B is updated, SPEC §5)"
-                )
-            continue
         if key == "variant_note":
             continue
         if key in _SET_ELSEWHERE:
@@ -328,12 +321,9 @@ def load_original_yaml(file: str, data: Any = None) -> list[ConfigDict]:
 
         if "transfer_ratio" in task:
             fields.put("fusion.transfer_ratio", task["transfer_ratio"], f"{where}.transfer_ratio")
-        alignment = task.get("layer_alignment", "tail")
-        if alignment != "tail":
-            raise ConfigError(
-                f"{file}: '{where}.layer_alignment'={alignment!r} is not supported "
-                "(only 'tail', the method: SPEC §2)"
-            )
+        if "layer_alignment" in task:
+            fields.put("fusion.layer_alignment", task["layer_alignment"],
+                       f"{where}.layer_alignment")
         if "seed" in task:
             fields.put("seed", task["seed"], f"{where}.seed")
         if "datasets" not in task:

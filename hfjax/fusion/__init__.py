@@ -11,6 +11,9 @@ The pipeline, as the training loop uses it::
     delta_B, aux = predict_delta_B(params, ctx, plan, embed_dim=1024, num_heads=8,
                                    max_pos=4096, mu_gate=0.1, gate="svd")
     new_B = fused_B(target_B, delta_B, params["alpha"], plan)  # B_t + alpha_g * ΔB
+    # update_mode a_only / ab_joint (build_plan(..., update_mode=...)): ΔA too
+    delta_A, delta_B, aux = predict_deltas(params, ctx, plan, embed_dim=1024, ...)
+    new_A = fused_A(target_A, delta_A, params["alpha"], plan)  # A_t + alpha_g * ΔA
     reg = average_rdm(aux, rdm_key)                            # the RDM regulariser
 
 ``fusion`` never sees the model or the training loop.
@@ -21,11 +24,13 @@ from hfjax.fusion.controls import SOURCE_CONTROLS, apply_source_control, source_
 from hfjax.fusion.matches import SourceMatch
 from hfjax.fusion.network import (
     TransferNet,
+    fused_A,
     fused_B,
     init_fusion_params,
     net_param_count,
     param_count,
     predict_delta_B,
+    predict_deltas,
 )
 from hfjax.fusion.plan import (
     Bucket,
@@ -59,6 +64,7 @@ __all__ = [
     "build_contexts",
     "build_plan",
     "from_torch_state_dict",
+    "fused_A",
     "fused_B",
     "init_fusion_params",
     "net_param_count",
@@ -66,6 +72,7 @@ __all__ = [
     "params_to_torch_state_dict",
     "parse_transfer_ratio",
     "predict_delta_B",
+    "predict_deltas",
     "probe_markdown",
     "probe_sources",
     "rdm_loss",

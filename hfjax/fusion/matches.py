@@ -18,7 +18,7 @@ split; ``transfer_ratio`` 3/4)::
       0..5           self_attn.o_proj                                  -x no self_attn.o_proj
                                                                           in the target adapter
 
-Statuses: ``matched``; ``unaligned`` (tail alignment gives the source layer no target
+Statuses: ``matched``; ``unaligned`` (the layer alignment gives the source layer no target
 layer); ``ratio`` (aligned, but cut by ``transfer_ratio``); ``no_type`` (the target adapts no
 module with this suffix); ``no_layer`` (the target has the suffix, not at the aligned layer);
 ``no_index`` (no ``layers.N.`` in the path).
@@ -79,10 +79,12 @@ class SourceMatch:
     target: str = ""  # matched target module path ("" unless matched)
     target_layer: int | None = None  # the aligned target layer (matched / no_layer)
     group: str = ""  # the matched target module's group, e.g. "q_proj_r4"
+    alignment: str = "tail"  # the plan's layer alignment (named in the "unaligned" reason)
 
 
 def _reason_text(status: str, suffix: str, target_layer: int | None,
-                 full_map: Mapping[int, int] | None, layer_map: Mapping[int, int] | None) -> str:
+                 full_map: Mapping[int, int] | None, layer_map: Mapping[int, int] | None,
+                 alignment: str = "tail") -> str:
     def pairs(m: Mapping[int, int] | None) -> str:
         if not m:
             return "no layers"
@@ -90,7 +92,7 @@ def _reason_text(status: str, suffix: str, target_layer: int | None,
         return f"source layers {_ranges([m[t] for t in ts])} with target layers {_ranges(ts)}"
 
     if status == "unaligned":
-        return f"no target layer: tail alignment pairs {pairs(full_map)}"
+        return f"no target layer: {alignment} alignment pairs {pairs(full_map)}"
     if status == "ratio":
         return f"cut by transfer_ratio: only {pairs(layer_map)} transfer"
     if status == "no_type":
@@ -108,12 +110,15 @@ def _reason_text(status: str, suffix: str, target_layer: int | None,
 def match_sources(target: LoraAdapter, sources: Sequence[LoraAdapter],
                   layer_maps: Sequence[Mapping[int, int]],
                   full_maps: Sequence[Mapping[int, int]],
-                  groups: Mapping[str, str]) -> tuple[SourceMatch, ...]:
+                  groups: Mapping[str, str], *, alignment: str = "tail"
+                  ) -> tuple[SourceMatch, ...]:
     """One row per source module, sources in order, modules in adapter order.
 
     ``layer_maps`` / ``full_maps``: per source, target -> source layer after / before
-    ``transfer_ratio``; ``groups``: fused target module -> its group name. Ranks are not
-    checked here (`build_plan` refuses a mismatch before calling this).
+    ``transfer_ratio``; ``groups``: fused target module -> its group name; ``alignment``: the
+    layer alignment's name (for the reasons). Ranks are not checked here (`build_plan`
+    refuses a mismatch before calling this). Under uniform alignment a kept source layer need
+    not be in the full map, so the kept map is consulted first.
     """
     target_index = {(m.layer, m.suffix): m for m in target.modules.values()}
     target_suffixes = {m.suffix for m in target.modules.values()}
@@ -122,14 +127,15 @@ def match_sources(target: LoraAdapter, sources: Sequence[LoraAdapter],
         inverse = {s: t for t, s in layer_maps[k].items()}
         inverse_full = {s: t for t, s in full_maps[k].items()}
         for m in src.modules.values():
-            row = dict(source=k, name=m.name, layer=m.layer, suffix=m.suffix, origin=m.origin)
+            row = dict(source=k, name=m.name, layer=m.layer, suffix=m.suffix, origin=m.origin,
+                       alignment=alignment)
             if m.layer is None:
                 rows.append(SourceMatch(**row, status="no_index"))
                 continue
             if m.suffix not in target_suffixes:
                 rows.append(SourceMatch(**row, status="no_type"))
                 continue
-            if m.layer not in inverse_full:
+            if m.layer not in inverse and m.layer not in inverse_full:
                 rows.append(SourceMatch(**row, status="unaligned"))
                 continue
             if m.layer not in inverse:
@@ -154,7 +160,8 @@ def match_report(matches: Sequence[SourceMatch], full_maps: Sequence[Mapping[int
             "source": r.source, "module": r.name, "origin": r.origin, "status": r.status,
             "target": r.target or None, "group": r.group or None,
             "reason": None if r.status == "matched" else _reason_text(
-                r.status, r.suffix, r.target_layer, full_maps[r.source], layer_maps[r.source]),
+                r.status, r.suffix, r.target_layer, full_maps[r.source], layer_maps[r.source],
+                r.alignment),
         })
     return out
 
@@ -198,7 +205,8 @@ def describe_matches(matches: Sequence[SourceMatch], source_names: Sequence[str]
                     f"layers {_ranges(t_layers)} have"
                 outcome = f"-x target {which} no {suffix}"
             else:
-                outcome = "-x " + _reason_text(status, suffix, None, full_maps[k], layer_maps[k])
+                outcome = "-x " + _reason_text(status, suffix, None, full_maps[k], layer_maps[k],
+                                               rs[0].alignment)
             table.append((src_layers, module, outcome))
         w0 = max([len("source layers")] + [len(a) for a, _, _ in table])
         w1 = max([len("source module")] + [len(b) for _, b, _ in table])

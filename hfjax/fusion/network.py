@@ -28,7 +28,9 @@ rewrites (PERF_NOTES tricks 2-4):
   the per-step kernel copies measured slower).
 - **Only B tokens query.** Target tokens never attend to each other, and the decoder
   outputs of the ``A^T`` tokens are discarded, so queries and decoder run on ``[n_a:]``
-  only; their positions stay ``n_a .. n_t - 1``.
+  only; their positions stay ``n_a .. n_t - 1``. The later release's ``update_mode``
+  (SPEC §11, a static choice) decodes the ``A^T`` tokens ``[0:n_a]`` instead (``a_only``)
+  or every target token (``ab_joint``); ``b_only`` does exactly the work above.
 
 Parameter tree of one network (flax names; torch names in ``torch_compat``)::
 
@@ -220,18 +222,23 @@ class TransferNet(nn.Module):
 
     @nn.compact
     def __call__(self, tgt: Array, tgt_s: Array, src: Array, src_s: Array, *,
-                 n_a: int) -> tuple[Array, Array, Array, Array]:
-        """Predict the B tokens' deltas.
+                 n_a: int, update_mode: str = "b_only") -> tuple[Array, Array, Array, Array]:
+        """Predict the deltas of the target tokens that ``update_mode`` patches.
 
         Args:
             tgt: ``(M, n_t, bs*r)`` target tokens (``n_a`` of ``A^T``, then ``n_b`` of B).
             tgt_s: ``(M, n_t, r)`` their singular values.
             src, src_s: ``(M, n_s, bs*r)``, ``(M, n_s, r)`` source tokens.
             n_a: (static) number of ``A^T`` tokens at the front of ``tgt``.
+            update_mode: (static) which target tokens query and get decoded: ``"b_only"``
+                the B tokens ``[n_a, n_t)``, ``"a_only"`` the ``A^T`` tokens ``[0, n_a)``,
+                ``"ab_joint"`` all ``n_t`` (SPEC §11). Each token's output is the same in
+                every mode (queries are independent); only the work differs.
 
         Returns:
-            ``delta (M, n_b, bs*r)``, ``attn (M, n_b, n_s)``, ``z_t (M, n_t, E)``,
-            ``z_s (M, n_s, E)``.
+            ``delta (M, n_q, bs*r)``, ``attn (M, n_q, n_s)``, ``z_t (M, n_t, E)``,
+            ``z_s (M, n_s, E)``, with ``n_q = n_b`` (b_only), ``n_a`` (a_only) or ``n_t``
+            (ab_joint) decoded tokens, in token order.
         """
         _check_config(self.block_size, self.rank, self.embed_dim, self.num_heads, self.gate)
         F, E = self.block_size * self.rank, self.embed_dim
@@ -255,13 +262,26 @@ class TransferNet(nn.Module):
             self.max_pos, E, name="pos_embed", **kw,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                         ("pos", "embed")))
-        # Trick 4: only the B tokens (positions n_a .. n_t-1) query and get decoded.
-        q_in = z_t[:, n_a:] + pos_embed(jnp.arange(n_a, n_t))
+        # Trick 4: only the tokens whose factor is patched query and get decoded (b_only: the
+        # B tokens, positions n_a .. n_t-1).
+        lo, hi = query_range(update_mode, n_a, n_t)
+        q_in = z_t[:, lo:hi] + pos_embed(jnp.arange(lo, hi))
         kv = z_s + pos_embed(jnp.arange(n_s))
         h, attn = _Attention(E, self.num_heads, name="attention", **kw)(q_in, kv)
         h = _gelu(_dense(E, ("embed", "mlp"), "decoder_hidden", **kw)(h))
         delta = _dense(F, ("mlp", "block"), "decoder_out", zero=True, **kw)(h)
         return delta, attn, z_t, z_s
+
+
+def query_range(update_mode: str, n_a: int, n_t: int) -> tuple[int, int]:
+    """The target tokens ``[lo, hi)`` that ``update_mode`` decodes (``A^T`` first, then B)."""
+    if update_mode == "b_only":
+        return n_a, n_t
+    if update_mode == "a_only":
+        return 0, n_a
+    if update_mode == "ab_joint":
+        return 0, n_t
+    raise FusionError(f"update_mode must be one of b_only, a_only, ab_joint, got {update_mode!r}")
 
 
 def _check_config(block_size: int, rank: int, embed_dim: int, num_heads: int, gate: str) -> None:
@@ -347,7 +367,7 @@ def init_fusion_params(
     return {"nets": nets, "alpha": alpha}
 
 
-def predict_delta_B(
+def predict_deltas(
     params: Mapping[str, Any],
     contexts: Mapping[str, Any],
     plan: FusionPlan,
@@ -360,8 +380,13 @@ def predict_delta_B(
     dtype: Any = jnp.float32,
     col_view: str = "auto",
     stack_groups: bool = True,
-) -> tuple[dict[str, Array], dict[str, list[dict[str, Array]]]]:
-    """Run every group's network on its buckets and un-block the B tokens (SPEC §4).
+) -> tuple[dict[str, Array], dict[str, Array], dict[str, list[dict[str, Array]]]]:
+    """Run every group's network on its buckets and un-block what ``plan.update_mode``
+    patches (SPEC §4, §11).
+
+    The decoded rows of one module are un-blocked like the original: B from the B tokens,
+    ``ΔB = delta_B_rows.reshape(-1, r)[:d_out]``; A from the ``A^T`` tokens,
+    ``ΔA = delta_A_rows.reshape(-1, r)[:d_in].T``, shape ``(r, d_in)`` like PEFT's A.
 
     Args:
         params: ``init_fusion_params``'s tree (``"nets"`` is used; ``"alpha"`` ignored).
@@ -372,9 +397,13 @@ def predict_delta_B(
             parameter tree stays one entry per group.
 
     Returns:
-        ``delta_B``: ``{module name: (d_out, r) float32}`` for every fused module, and
-        ``aux``: ``{group: [per bucket {"z_t", "z_s", "attn"}]}`` (for the RDM and reports).
+        ``delta_A``: ``{module name: (r, d_in) float32}`` (a_only / ab_joint, else empty),
+        ``delta_B``: ``{module name: (d_out, r) float32}`` (b_only / ab_joint, else empty)
+        for every fused module, and ``aux``: ``{group: [per bucket {"z_t", "z_s", "attn"}]}``
+        (for the RDM and reports; ``attn`` covers the decoded tokens).
     """
+    mode = plan.update_mode
+    delta_A: dict[str, Array] = {}
     delta_B: dict[str, Array] = {}
     aux: dict[str, list[dict[str, Array]]] = {}
     for cluster in group_clusters(plan) if stack_groups else [[g] for g in plan.groups]:
@@ -386,7 +415,7 @@ def predict_delta_B(
         if len(cluster) == 1:
             p = params["nets"][g0.name]
             outs = [net.apply({"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"],
-                              n_a=b.n_a)
+                              n_a=b.n_a, update_mode=mode)
                     for b, c in zip(g0.buckets, contexts[g0.name], strict=True)]
             per_group = [outs]
         else:
@@ -397,14 +426,36 @@ def predict_delta_B(
                 c = {k: jnp.stack([jnp.asarray(contexts[g.name][bi][k]) for g in cluster])
                      for k in ("tgt", "tgt_s", "src", "src_s")}
                 out = jax.vmap(lambda p, c, n_a=b.n_a, net=net: net.apply(
-                    {"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"], n_a=n_a))(p, c)
+                    {"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"], n_a=n_a,
+                    update_mode=mode))(p, c)
                 for gi in range(len(cluster)):
                     per_group[gi].append(tuple(o[gi] for o in out))
         for g, outs in zip(cluster, per_group, strict=True):
             for b, (delta, attn, z_t, z_s) in zip(g.buckets, outs, strict=True):
+                lo, _ = query_range(mode, b.n_a, b.n_t)
                 for i, m in enumerate(b.modules):
-                    delta_B[m.name] = delta[i].astype(jnp.float32).reshape(-1, g.rank)[: m.d_out]
+                    d = delta[i].astype(jnp.float32)  # rows: decoded tokens lo .. hi-1
+                    if plan.patches_A:
+                        d_a = d[: b.n_a - lo]  # lo = 0 whenever A is decoded
+                        delta_A[m.name] = d_a.reshape(-1, g.rank)[: m.d_in].T
+                    if plan.patches_B:
+                        d_b = d[b.n_a - lo:]
+                        delta_B[m.name] = d_b.reshape(-1, g.rank)[: m.d_out]
                 aux[g.name].append({"z_t": z_t, "z_s": z_s, "attn": attn})
+    return delta_A, delta_B, aux
+
+
+def predict_delta_B(
+    params: Mapping[str, Any],
+    contexts: Mapping[str, Any],
+    plan: FusionPlan,
+    **kwargs: Any,
+) -> tuple[dict[str, Array], dict[str, list[dict[str, Array]]]]:
+    """`predict_deltas` without ΔA: ``(delta_B, aux)`` (empty ``delta_B`` for an a_only plan).
+
+    Keyword arguments are `predict_deltas`'s.
+    """
+    _, delta_B, aux = predict_deltas(params, contexts, plan, **kwargs)
     return delta_B, aux
 
 
@@ -442,6 +493,22 @@ def fused_B(
         a = jnp.asarray(alpha[g.name], dtype=jnp.float32)
         for m in g.modules:
             out[m.name] = jnp.asarray(target_B[m.name], dtype=jnp.float32) + a * delta_B[m.name]
+    return out
+
+
+def fused_A(
+    target_A: Mapping[str, Any],
+    delta_A: Mapping[str, Array],
+    alpha: Mapping[str, Array],
+    plan: FusionPlan,
+) -> dict[str, Array]:
+    """``A_t + alpha_g * ΔA`` (float32) for every fused module (SPEC §11: a_only / ab_joint);
+    the same alpha as B's. Pure and differentiable; unfused modules are not in the result."""
+    out = {}
+    for g in plan.groups:
+        a = jnp.asarray(alpha[g.name], dtype=jnp.float32)
+        for m in g.modules:
+            out[m.name] = jnp.asarray(target_A[m.name], dtype=jnp.float32) + a * delta_A[m.name]
     return out
 
 

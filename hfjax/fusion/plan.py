@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.lora_adapter import LoraAdapter, LoraModule
-from hfjax.config.components import PlanConfig
+from hfjax.config.components import LAYER_ALIGNMENTS, PlanConfig
 from hfjax.errors import UserError
 from hfjax.fusion.matches import (
     SourceMatch,
@@ -128,7 +128,11 @@ class FusionPlan:
         transfer_ratio: the ratio the layer maps were cut with.
         matches: one row per source module: the target module it feeds, or why none
             (`hfjax.fusion.matches`).
-        full_layer_maps: per source, the tail alignment before ``transfer_ratio``.
+        full_layer_maps: per source, the same alignment before ``transfer_ratio``.
+        layer_alignment: how layers were paired (``LAYER_ALIGNMENTS``; SPEC §11).
+        update_mode: which target factors the networks patch: ``"b_only"`` (B' = B + α·ΔB,
+            the method), ``"a_only"`` (A' = A + α·ΔA) or ``"ab_joint"`` (both; SPEC §11).
+            It fixes which target tokens are decoded, so it is part of the static plan.
     """
 
     block_size: int
@@ -142,13 +146,26 @@ class FusionPlan:
     transfer_ratio: float = 1.0
     matches: tuple[SourceMatch, ...] = ()
     full_layer_maps: tuple[dict[int, int], ...] = ()
+    layer_alignment: str = "tail"
+    update_mode: str = "b_only"
 
     def __hash__(self) -> int:
         maps = tuple(tuple(sorted(m.items())) for m in self.layer_maps)
         full = tuple(tuple(sorted(m.items())) for m in self.full_layer_maps)
         return hash((self.block_size, self.groups, maps, self.source_names, self.unfused,
                      self.unfused_reasons, self.target_layers, self.source_layers,
-                     self.transfer_ratio, self.matches, full))
+                     self.transfer_ratio, self.matches, full, self.layer_alignment,
+                     self.update_mode))
+
+    @property
+    def patches_A(self) -> bool:
+        """Whether the networks' outputs on the ``A^T`` tokens patch A (SPEC §11)."""
+        return self.update_mode in ("a_only", "ab_joint")
+
+    @property
+    def patches_B(self) -> bool:
+        """Whether the networks' outputs on the ``B`` tokens patch B (SPEC §5)."""
+        return self.update_mode in ("b_only", "ab_joint")
 
     @property
     def fused_modules(self) -> tuple[str, ...]:
@@ -192,6 +209,8 @@ class FusionPlan:
         return {
             "block_size": self.block_size,
             "transfer_ratio": self.transfer_ratio,
+            "layer_alignment": self.layer_alignment,
+            "update_mode": self.update_mode,
             "target_layers": self.target_layers,
             "sources": sources,
             "groups": groups,
@@ -211,7 +230,8 @@ class FusionPlan:
             f"HeteroFusion plan: target has {self.target_layers} layers, "
             f"{len(self.source_names)} source(s), block_size {self.block_size}, "
             f"transfer_ratio {self.transfer_ratio:g}",
-            "Layer alignment (tail-aligned: the deepest layers of both models meet):",
+            f"Layer alignment {self.layer_alignment!r} "
+            f"({_ALIGNMENT_TEXT[self.layer_alignment]}):",
         ]
         for k, name in enumerate(self.source_names):
             lm = self.layer_maps[k]
@@ -221,9 +241,13 @@ class FusionPlan:
                 lines.append(
                     f"  [{k}] {name} ({n_s} layers): target layers {_ranges(ts)} -> "
                     f"source layers {_ranges([lm[t] for t in ts])} ({len(ts)} pairs)")
+                if len({t - lm[t] for t in ts}) > 1:  # not one shift: spell out every pair
+                    lines.append("      pairs (target:source): "
+                                 + ", ".join(f"{t}:{lm[t]}" for t in ts))
             else:
                 lines.append(f"  [{k}] {name} ({n_s} layers): no layer pairs")
         n_fused = len(self.fused_modules)
+        lines.append(f"Update mode {self.update_mode!r}: {_UPDATE_TEXT[self.update_mode]}")
         lines.append(f"Fused: {n_fused} module(s) in {len(self.groups)} group(s) "
                      "(one transfer network and one alpha per group):")
         for g in self.groups:
@@ -271,12 +295,50 @@ def _checked(settings: PlanConfig) -> PlanConfig:
     return settings
 
 
-def _layer_map(l_t: int, l_s: int, ratio: float) -> dict[int, int]:
-    """Tail alignment (SPEC §2): target layer t <-> source layer t - (L_t - L_s)."""
-    off = l_t - l_s
-    pairs = [(t, t - off) for t in range(l_t) if 0 <= t - off < l_s]
-    keep = max(1, int(len(pairs) * ratio))
-    return dict(pairs[-keep:]) if pairs else {}
+# How each alignment pairs layers, for the pre-flight report.
+_ALIGNMENT_TEXT = {
+    "tail": "tail-aligned: the deepest layers of both models meet",
+    "head": "head-aligned: layer i meets layer i from the bottom",
+    "naive": "naive: layer i meets layer i from the bottom, as head",
+    "uniform": "uniform: pairs spread evenly over both depths",
+}
+
+
+# What each update mode writes, for the pre-flight report.
+_UPDATE_TEXT = {
+    "b_only": "B' = B + alpha * dB, A kept (the method)",
+    "a_only": "A' = A + alpha * dA, B kept",
+    "ab_joint": "A' = A + alpha * dA and B' = B + alpha * dB (one alpha per group)",
+}
+
+
+def layer_pairs(l_t: int, l_s: int, ratio: float, alignment: str = "tail"
+                ) -> list[tuple[int, int]]:
+    """``(target layer, source layer)`` pairs of one source, ascending (SPEC §2, §11).
+
+    With ``overlap = min(L_t, L_s)`` and ``keep = min(overlap, max(1, int(overlap * ratio)))``:
+    ``tail`` keeps the last ``keep`` of ``(L_t - overlap + i, L_s - overlap + i)`` (the first
+    release's map); ``head`` / ``naive`` take ``(i, i)`` for ``i < keep``; ``uniform`` takes
+    ``(round(i (L_t-1)/(keep-1)), round(i (L_s-1)/(keep-1)))`` (Python ``round``: half to
+    even), or ``(L_t - 1, L_s - 1)`` when ``keep = 1``. E.g. ``(32, 28, 1/4, "uniform")``:
+    keep 7, steps 31/6 and 27/6 -> ``[(0, 0), (5, 4), (10, 9), (16, 14), (21, 18), (26, 22),
+    (31, 27)]`` (15.5 -> 16, 4.5 -> 4, 13.5 -> 14, 22.5 -> 22).
+    """
+    if alignment not in LAYER_ALIGNMENTS:
+        raise FusionError(f"layer_alignment must be one of {', '.join(LAYER_ALIGNMENTS)}, "
+                          f"got {alignment!r}")
+    overlap = min(l_t, l_s)
+    if overlap <= 0:
+        return []
+    keep = min(overlap, max(1, int(overlap * ratio)))
+    if alignment == "tail":
+        return [(l_t - overlap + i, l_s - overlap + i) for i in range(overlap)][-keep:]
+    if alignment in ("head", "naive"):
+        return [(i, i) for i in range(keep)]
+    if keep == 1:
+        return [(l_t - 1, l_s - 1)]
+    return [(round(i * (l_t - 1) / (keep - 1)), round(i * (l_s - 1) / (keep - 1)))
+            for i in range(keep)]
 
 
 def _n_blocks(rows: int, block_size: int) -> int:
@@ -295,6 +357,8 @@ def build_plan(
     block_size: int = 4096,
     transfer_ratio: float | str = 1.0,
     source_names: Sequence[str] | None = None,
+    layer_alignment: str = "tail",
+    update_mode: str = "b_only",
 ) -> FusionPlan:
     """Align ``sources`` to ``target`` (SPEC §2) and group the fusable modules.
 
@@ -302,10 +366,13 @@ def build_plan(
         target: the target LoRA adapter (its B's get updated).
         sources: source adapters, in config order (this order fixes token positions).
         settings: the plan settings (`hfjax.config.PlanConfig`: ``block_size``, rows per
-            token block, the original hard-codes 4096; ``transfer_ratio``: keep only the
-            deepest ``max(1, int(n_pairs * ratio))`` layer pairs of each source). Without
-            it, ``block_size`` and ``transfer_ratio`` make one.
+            token block, the original hard-codes 4096; ``transfer_ratio``: keep
+            ``max(1, int(overlap * ratio))`` layer pairs of each source, the deepest ones
+            under tail alignment; ``layer_alignment``; ``update_mode``). Without it, the
+            keywords below make one.
         source_names: display names; default: each adapter's path, else ``source{k}``.
+        layer_alignment: how target and source layers pair (`layer_pairs`; SPEC §11).
+        update_mode: which target factors get patched (``UPDATE_MODES``; SPEC §11).
 
     Raises:
         FusionError: no sources, a source module whose rank differs from the target's, or
@@ -313,9 +380,11 @@ def build_plan(
     """
     if not sources:
         raise FusionError("no source adapters given")
-    settings = _checked(settings or PlanConfig(block_size=block_size,
-                                               transfer_ratio=transfer_ratio))
+    settings = _checked(settings or PlanConfig(
+        block_size=block_size, transfer_ratio=transfer_ratio, layer_alignment=layer_alignment,
+        update_mode=update_mode))
     block_size, ratio = settings.block_size, settings.ratio
+    layer_alignment, update_mode = settings.layer_alignment, settings.update_mode
     if source_names is None:
         names = tuple(s.path or f"source{k}" for k, s in enumerate(sources))
     else:
@@ -325,8 +394,8 @@ def build_plan(
 
     l_t = target.num_layers
     l_srcs = tuple(s.num_layers for s in sources)
-    layer_maps = tuple(_layer_map(l_t, l_s, ratio) for l_s in l_srcs)
-    full_maps = tuple(_layer_map(l_t, l_s, 1.0) for l_s in l_srcs)
+    layer_maps = tuple(dict(layer_pairs(l_t, l_s, ratio, layer_alignment)) for l_s in l_srcs)
+    full_maps = tuple(dict(layer_pairs(l_t, l_s, 1.0, layer_alignment)) for l_s in l_srcs)
     index = [{(m.layer, m.suffix): m for m in s.modules.values() if m.layer is not None}
              for s in sources]
 
@@ -389,8 +458,9 @@ def build_plan(
         block_size=block_size, groups=tuple(groups), layer_maps=layer_maps,
         source_names=names, unfused=tuple(unfused), unfused_reasons=tuple(reasons),
         target_layers=l_t, source_layers=l_srcs, transfer_ratio=ratio,
-        matches=match_sources(target, sources, layer_maps, full_maps, group_of),
-        full_layer_maps=full_maps,
+        matches=match_sources(target, sources, layer_maps, full_maps, group_of,
+                              alignment=layer_alignment),
+        full_layer_maps=full_maps, layer_alignment=layer_alignment, update_mode=update_mode,
     )
 
 

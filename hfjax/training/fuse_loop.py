@@ -162,7 +162,7 @@ def attention_by_source(plan: FusionPlan, sources: Sequence[LoraAdapter],
         for b, a in zip(g.buckets, attn[g.name], strict=True):
             a = np.asarray(a)  # (M, n_b, n_s)
             for i, m in enumerate(b.modules):
-                row = a[i].mean(axis=0)  # mean over B query tokens -> (n_s,)
+                row = a[i].mean(axis=0)  # mean over the decoded (query) tokens -> (n_s,)
                 share: dict[str, float] = {}
                 pos = 0
                 for src_idx, src_name in m.sources:
@@ -353,26 +353,43 @@ def _compiles() -> int:
 _run_networks_jit = jax.jit(run_networks, static_argnums=2)
 
 
-def fused_B_numpy(params: Any, frozen: dict[str, Any], st: FuseStatics
-                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    new_B, _, attn = _run_networks_jit(params, frozen, st)
+def fused_factors_numpy(params: Any, frozen: dict[str, Any], st: FuseStatics
+                        ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """The patched factors ``{"B"?: {module: B'}, "A"?: {module: A'}}`` (numpy float32, per
+    ``st.plan.update_mode``) and the attention per group."""
+    factors, _, attn = _run_networks_jit(params, frozen, st)
     # Multi-host, the outputs are sharded across processes: all-gather them to every host.
-    new_B, attn = dist.gather_to_host((new_B, attn))
-    return dict(new_B), attn
+    factors, attn = dist.gather_to_host((factors, attn))
+    return {f: {k: np.asarray(v) for k, v in mods.items()} for f, mods in factors.items()}, attn
+
+
+def _with_A(adapter: LoraAdapter, new_A: Mapping[str, np.ndarray]) -> LoraAdapter:
+    """A copy whose listed modules get new A matrices, written in float32 (fused modules)."""
+    mods = dict(adapter.modules)
+    for name, a in new_A.items():
+        if a.shape != mods[name].A.shape:
+            raise ValueError(f"{name}: new A has shape {a.shape}, expected {mods[name].A.shape}")
+        mods[name] = dataclasses.replace(mods[name], A=np.asarray(a, np.float32))
+    return LoraAdapter(config=dict(adapter.config), modules=mods, path=None)
 
 
 def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseStatics,
            out_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """Write ``merged_lora/`` (A unchanged, B + α·ΔB on fused modules) and the report dict."""
-    new_B, attn = fused_B_numpy(params, frozen, st)
-    fused = fused_adapter(inp.target, new_B, job.export_dtype)
+    """Write ``merged_lora/`` (the factors ``update_mode`` patches: B + α·ΔB and/or
+    A + α·ΔA on fused modules; the rest unchanged) and the report dict."""
+    factors, attn = fused_factors_numpy(params, frozen, st)
+    new_B, new_A = factors.get("B", {}), factors.get("A", {})
+    fused = _with_A(fused_adapter(inp.target, new_B, job.export_dtype), new_A)
     adapter_dir = out_dir / "merged_lora"
-    if dist.is_primary():  # one writer (the B's are already gathered on every process)
+    if dist.is_primary():  # one writer (the factors are already gathered on every process)
         adapter_dir = save_adapter(fused, adapter_dir)
     delta_norms = {}
     for name, b in new_B.items():
         b0 = np.asarray(inp.target.modules[name].B, np.float32)
         delta_norms[name] = float(np.linalg.norm(b - b0))
+    delta_A_norms = {name: float(np.linalg.norm(a - np.asarray(inp.target.modules[name].A,
+                                                                  np.float32)))
+                     for name, a in new_A.items()}
     alpha = {k: float(v) for k, v in jax.device_get(params["alpha"]).items()}
     report = {
         "task_name": job.task_name,
@@ -385,7 +402,9 @@ def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: F
         "alpha": alpha,
         "export_dtype": {"option": job.export_dtype,
                          "fused_modules": sorted({str(fused.modules[n].B.dtype) for n in new_B})},
+        "update_mode": inp.plan.update_mode,
         "alpha_times_delta_B_fro": delta_norms,
+        "alpha_times_delta_A_fro": delta_A_norms,
         "attention_by_source": attention_by_source(inp.plan, inp.sources, attn),
         "trainable_params": param_count(params),
         "replay": {k: dict(v) for k, v in inp.replay.stats.items()},

@@ -13,7 +13,8 @@ windows (a window that holds more than ``accum`` micro-batches sums to more than
 The transfer networks' parameters change only at an update and their inputs (the block
 contexts) are constant, so ΔB and z are identical for every micro-batch of a window. We
 therefore run the networks ONCE per step (PERF_NOTES trick 5), keep their VJP, sum the LM
-gradients with respect to the patched B matrices over the micro-batches (a `lax.scan`), draw a
+gradients with respect to the patched B matrices (and A matrices, under the later release's
+``update_mode`` a_only / ab_joint) over the micro-batches (a `lax.scan`), draw a
 fresh RDM sample per micro-batch on the same z, and backpropagate through the networks once.
 This is exactly the gradient of the per-micro-batch loop the original runs, at a fraction of
 its cost. Only the networks and the α's are trained; the base model and the target adapter
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from hfjax.config.components import OptimizerConfig, RDMConfig, TransferNetConfig
-from hfjax.fusion import average_rdm, fused_B, predict_delta_B
+from hfjax.fusion import average_rdm, fused_A, fused_B, predict_deltas
 from hfjax.fusion.plan import FusionPlan
 from hfjax.models.config import ModelConfig
 from hfjax.training.objective import lm_loss
@@ -66,21 +67,46 @@ class FuseStatics:
         return self.rdm.loss_kwargs()
 
 
-def patched_adapter(adapter: dict[str, Any], new_B: dict[str, jax.Array]) -> dict[str, Any]:
-    """The target adapter pytree with ``B`` replaced on the fused modules."""
-    return {name: ({**p, "B": new_B[name]} if name in new_B else p)
-            for name, p in adapter.items()}
+def patched_adapter(adapter: dict[str, Any], new_B: dict[str, jax.Array],
+                    new_A: dict[str, jax.Array] | None = None) -> dict[str, Any]:
+    """The target adapter pytree with ``B`` (and ``A``, if given) replaced on the fused
+    modules."""
+    new_A = new_A or {}
+    out = {}
+    for name, p in adapter.items():
+        if name in new_B or name in new_A:
+            p = {**p, **({"A": new_A[name]} if name in new_A else {}),
+                 **({"B": new_B[name]} if name in new_B else {})}
+        out[name] = p
+    return out
+
+
+def patch_factors(adapter: dict[str, Any], factors: dict[str, dict[str, jax.Array]]
+                  ) -> dict[str, Any]:
+    """`patched_adapter` from `run_networks`'s ``{"A"?: {...}, "B"?: {...}}``."""
+    return patched_adapter(adapter, factors.get("B", {}), factors.get("A"))
 
 
 def run_networks(params: dict[str, Any], frozen: dict[str, Any], st: FuseStatics
-                 ) -> tuple[dict[str, jax.Array], dict[str, Any], dict[str, Any]]:
-    """(patched B per fused module, z's per group/bucket for the RDM, attention per group)."""
-    delta_B, aux = predict_delta_B(params, frozen["contexts"], st.plan, **st.net_kwargs)
-    target_B = {n: frozen["adapter"][n]["B"] for n in st.plan.fused_modules}
-    new_B = fused_B(target_B, delta_B, params["alpha"], st.plan)
+                 ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, Any], dict[str, Any]]:
+    """(patched factors, z's per group/bucket for the RDM, attention per group).
+
+    The patched factors are ``{"B": {module: B'}}`` under ``update_mode`` b_only,
+    ``{"A": {module: A'}}`` under a_only and both under ab_joint (``st.plan.update_mode``,
+    static): only the patched factors are computed, and only they carry gradients.
+    """
+    plan = st.plan
+    delta_A, delta_B, aux = predict_deltas(params, frozen["contexts"], plan, **st.net_kwargs)
+    factors: dict[str, dict[str, jax.Array]] = {}
+    if plan.patches_B:
+        target_B = {n: frozen["adapter"][n]["B"] for n in plan.fused_modules}
+        factors["B"] = fused_B(target_B, delta_B, params["alpha"], plan)
+    if plan.patches_A:
+        target_A = {n: frozen["adapter"][n]["A"] for n in plan.fused_modules}
+        factors["A"] = fused_A(target_A, delta_A, params["alpha"], plan)
     zs = {g: [{"z_t": a["z_t"], "z_s": a["z_s"]} for a in buckets] for g, buckets in aux.items()}
     attn = {g: [a["attn"] for a in buckets] for g, buckets in aux.items()}
-    return new_B, zs, attn
+    return factors, zs, attn
 
 
 def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches: dict,
@@ -89,10 +115,10 @@ def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches
     """Window loss ``Σ w_i (LM_i + λ·avg_rdm_i)`` and its gradient w.r.t. the trained params
     (networks + α's)."""
     (new_B, zs), vjp_fn = jax.vjp(lambda p: run_networks(p, frozen, st)[:2], params)
-    adapter = frozen["adapter"]
+    adapter = frozen["adapter"]  # new_B: the patched factors, {"B"?: ..., "A"?: ...}
 
-    def lm(b: dict[str, jax.Array], batch: dict) -> jax.Array:
-        return lm_loss(frozen["base"], st.model, batch, patched_adapter(adapter, b),
+    def lm(b: dict[str, dict[str, jax.Array]], batch: dict) -> jax.Array:
+        return lm_loss(frozen["base"], st.model, batch, patch_factors(adapter, b),
                        remat=st.remat)
 
     def rdm(z: dict[str, Any], k: jax.Array) -> jax.Array:
