@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.lora_adapter import LoraAdapter, LoraModule
-from hfjax.config.components import LAYER_ALIGNMENTS, PlanConfig
+from hfjax.config.components import LAYER_ALIGNMENTS, UPDATE_MODES, PlanConfig  # noqa: F401
 from hfjax.errors import UserError
 from hfjax.fusion.matches import (
     SourceMatch,
