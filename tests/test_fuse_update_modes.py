@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hfjax.fusion.synthetic import random_adapter
-from zoo_fixtures import build_zoo, tiny_fuse_config
 
 import hfjax
 from bridge import load_adapter
@@ -28,6 +26,8 @@ from hfjax.fusion import (
     predict_delta_B,
     predict_deltas,
 )
+from hfjax.testing.adapters import random_adapter
+from hfjax.testing.zoo import build_zoo, tiny_fuse_config
 from hfjax.training.fuse_loop import export, prepare, reuse_networks, run_fusion, statics_from
 from hfjax.training.fuse_step import patch_factors, patched_adapter, run_networks
 

@@ -38,7 +38,7 @@ from hfjax.models.config import ModelConfig
 from hfjax.testing.adapters import random_adapter
 from hfjax.testing.hf_models import load_hf_model, make_hf_model, make_peft_adapter
 from hfjax.training.accumulation import windows
-from hfjax.training.fuse_loop import fused_B_numpy, stack_window
+from hfjax.training.fuse_loop import fused_factors_numpy, stack_window
 from hfjax.training.fuse_step import FuseStatics, fuse_step, loss_and_grads
 from hfjax.training.fused_export import fused_adapter
 
@@ -225,7 +225,7 @@ def hfjax_run(setup):
         out["grads"].append(jax.device_get(grads))
         out["params"].append(jax.device_get(state["params"]))
         out["loss"].append(float(m["loss"]))
-    new_B, _ = fused_B_numpy(state["params"], frozen, st)
+    new_B = fused_factors_numpy(state["params"], frozen, st)[0]["B"]
     out["export"] = {n: m.B for n, m in fused_adapter(s["target"], new_B, "float32")
                      .modules.items() if n in new_B}
     return out
