@@ -1,6 +1,7 @@
 """Benchmarks of hfjax (the fused training step vs the original's PyTorch way; the bridge).
 
     python scripts/bench.py [--only small,mid,paper] [--skip-torch] [--skip-bridge] [--repeats N]
+    python scripts/bench.py --aot [--quick] [--layers 8,32,80] [--sources 1,5] [--remat both]
 
 Everything lives in `hfjax.bench` (``python -m hfjax.bench`` is the same); see its docstring.
 """
@@ -10,4 +11,8 @@ import sys
 from hfjax.bench import main
 
 if __name__ == "__main__":
+    if "--aot" in sys.argv[1:]:  # ahead-of-time compile table: `hfjax.bench_aot`
+        from hfjax.bench_aot import main as aot_main
+
+        raise SystemExit(aot_main([a for a in sys.argv[1:] if a != "--aot"]))
     raise SystemExit(main(sys.argv[1:]))
