@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-GiB = float(1 << 30)
+MiB = float(1 << 20)
 # Opcodes that launch no work of their own (bookkeeping and control flow).
 _TRIVIAL_OPS = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast",
                           "while", "conditional", "call", "after-all", "opt-barrier",
@@ -71,6 +71,7 @@ class AotCase:
     remat: bool  # rematerialise each decoder layer in the backward pass
     base_dtype: str = "bfloat16"  # dtype of the frozen base weights
     quick: bool = False  # a tiny model and fusion block instead of the paper setting
+    scan: bool = True  # stacked base layers run as one lax.scan (False: the unrolled loop)
 
 
 _QUICK_TARGET = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -112,6 +113,7 @@ def case_setting(case: AotCase) -> tuple[Any, Any, Any]:
     tgt["num_hidden_layers"] = case.layers
     cfg.train.remat = case.remat
     cfg.train.base_dtype = case.base_dtype
+    cfg.train.scan_layers = case.scan
     for k in ("data", "fsdp", "tensor"):
         if k in cfg.mesh:
             setattr(cfg.mesh, k, 1)
@@ -123,19 +125,21 @@ def case_setting(case: AotCase) -> tuple[Any, Any, Any]:
     return cfg, ModelConfig(**tgt), plan
 
 
-def abstract_inputs(cfg: Any, model_cfg: Any, plan: Any) -> tuple[Any, ...]:
+def abstract_inputs(cfg: Any, model_cfg: Any, plan: Any, scan: bool = True) -> tuple[Any, ...]:
     """``(state, frozen, micro_batches, weights, key, statics)`` as ShapeDtypeStructs."""
     from flax import linen as nn
 
     from hfjax.loading import init_params, resolve_dtype
     from hfjax.memory import network_shapes
-    from hfjax.models.decoder import module_names
+    from hfjax.models.decoder import module_names, stack_layers
     from hfjax.training.fuse_loop import statics_from
 
     sds = jax.ShapeDtypeStruct
     f32 = jnp.float32
     dtype = resolve_dtype(cfg.train.base_dtype)
     base = jax.eval_shape(lambda: init_params(model_cfg, jax.random.PRNGKey(0), dtype))
+    if scan:
+        base = jax.eval_shape(stack_layers, base)
     shapes = module_names(model_cfg)
     rank = {m.name: m.rank for g in plan.groups for m in g.modules}
     adapter = {}
@@ -170,7 +174,7 @@ def run_case(case: AotCase) -> dict[str, Any]:
     from hfjax.training.fuse_step import fuse_step
 
     cfg, model_cfg, plan = case_setting(case)
-    state, frozen, batch, weights, key, st = abstract_inputs(cfg, model_cfg, plan)
+    state, frozen, batch, weights, key, st = abstract_inputs(cfg, model_cfg, plan, case.scan)
     t0 = time.perf_counter()
     lowered = fuse_step.lower(state, frozen, batch, weights, key, st=st)
     t1 = time.perf_counter()
@@ -180,7 +184,7 @@ def run_case(case: AotCase) -> dict[str, Any]:
     p = memory.memory_plan(cfg, model_cfg, plan, mesh_shape={"data": 1, "fsdp": 1, "tensor": 1})
     b = p["bytes"]
     transient = sum(b[k] for k in ("gradients", "lm_activations", "logits",
-                                   "network_activations"))
+                                   "network_activations", "upcast_weights"))
     return {"case": case, "lower_s": t1 - t0, "compile_s": t2 - t1,
             "kernels": count_kernels(compiled.as_text()),
             "xla_temp": int(mem.temp_size_in_bytes), "xla_args": int(mem.argument_size_in_bytes),
@@ -191,30 +195,32 @@ def run_case(case: AotCase) -> dict[str, Any]:
 def format_row(r: dict[str, Any]) -> str:
     c = r["case"]
     return (f"{c.sources:>3} {c.layers:>4} {'on' if c.remat else 'off':>5} {c.base_dtype:>8} "
-            f"{r['lower_s']:7.1f} {r['compile_s']:8.1f} {r['kernels']:7d} "
-            f"{r['xla_temp'] / GiB:9.2f} {r['xla_args'] / GiB:9.2f} "
-            f"{r['plan_transient'] / GiB:10.2f} {r['plan_total'] / GiB:9.2f} "
+            f"{'scan' if c.scan else 'loop':>5} {r['lower_s']:7.1f} {r['compile_s']:8.1f} "
+            f"{r['kernels']:7d} {r['xla_temp'] / MiB:10.1f} {r['xla_args'] / MiB:10.1f} "
+            f"{r['plan_transient'] / MiB:10.1f} {r['plan_total'] / MiB:10.1f} "
             f"{r['xla_temp'] / max(r['plan_transient'], 1):6.2f}")
 
 
-HEADER = ("src  lay remat    dtype lower_s compile_s kernels  xla_temp  xla_args "
-          "plan_trans plan_tot temp/plan   (GiB per device)")
+HEADER = ("src  lay remat    dtype  body lower_s compile_s kernels   xla_temp   xla_args "
+          "plan_trans   plan_tot temp/plan   (MiB per device)")
 
 
 def bench_aot(layers: Sequence[int], sources: Sequence[int], remat: Sequence[bool], *,
-              quick: bool = False, base_dtype: str = "bfloat16") -> list[dict[str, Any]]:
+              quick: bool = False, base_dtype: str = "bfloat16",
+              scan: Sequence[bool] = (True,)) -> list[dict[str, Any]]:
     """Print (and return) one row per (sources, layers, remat) case."""
     print(f"AOT fuse_step ({'quick tiny model' if quick else 'paper setting'}, backend "
           f"{jax.default_backend()}); compile seconds on this machine")
     print(HEADER)
     rows = []
     for s in sources:
-        for rm in remat:
-            for n in layers:
-                r = run_case(AotCase(layers=n, sources=s, remat=rm, base_dtype=base_dtype,
-                                     quick=quick))
-                print(format_row(r), flush=True)
-                rows.append(r)
+        for sc in scan:
+            for rm in remat:
+                for n in layers:
+                    r = run_case(AotCase(layers=n, sources=s, remat=rm, base_dtype=base_dtype,
+                                         quick=quick, scan=sc))
+                    print(format_row(r), flush=True)
+                    rows.append(r)
     return rows
 
 
@@ -230,11 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--remat", choices=("off", "on", "both"), default="both",
                     help="remat setting(s) to compile")
     ap.add_argument("--base-dtype", default="bfloat16", help="frozen base dtype")
+    ap.add_argument("--body", choices=("scan", "loop", "both"), default="scan",
+                    help="decoder layers as one lax.scan, the unrolled loop, or both")
     a = ap.parse_args(argv)
     layers = a.layers or ([2, 4, 8] if a.quick else [8, 32, 80])
     sources = a.sources or ([1, 2] if a.quick else [1, 5])
     remat = {"off": [False], "on": [True], "both": [False, True]}[a.remat]
-    bench_aot(layers, sources, remat, quick=a.quick, base_dtype=a.base_dtype)
+    scan = {"scan": [True], "loop": [False], "both": [True, False]}[a.body]
+    bench_aot(layers, sources, remat, quick=a.quick, base_dtype=a.base_dtype, scan=scan)
     return 0
 
 

@@ -41,6 +41,7 @@ from hfjax.fusion import (
 )
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
+from hfjax.models.decoder import is_stacked, layer_plan, stack_layers
 from hfjax.models.families import template_for
 from hfjax.models.key_tables import logical_axes_tree
 from hfjax.training import checkpointing
@@ -178,6 +179,8 @@ def dry_run_text(cfg: Any, inp: Inputs) -> str:
                  f"{3 * total * 4 / 2**30:.2f} GiB for params + 2 moments, float32)")
     lines.append(f"optimizer steps: {steps} (batches/epoch {n_batches}, epochs "
                  f"{cfg.train.epochs}, accum {cfg.train.grad_accum})")
+    lines.append(layer_plan(inp.model_cfg, inp.target.modules,
+                            stacked=bool(cfg.train.get("scan_layers", True))))
     try:
         from hfjax.memory import memory_plan_text
 
@@ -263,11 +266,16 @@ def run_fusion(cfg: Any, *, dry_run: bool = False, progress: bool = True,
     # sharding (a 1-device mesh by default on one device).
     mesh = shd.mesh_from_config(cfg.mesh)
     rules = shd.rules_for_batch(shd.rules_from_config(cfg.mesh.rules), mesh, tr.batch_size)
+    scan = bool(tr.get("scan_layers", True))
     if base_params is None:
         base_params = from_pretrained(cfg.target.model_path, dtype=base_dtype, mesh=mesh,
-                                      rules=rules).params
+                                      rules=rules, stacked=scan).params
     else:
-        base_params = shd.shard_params(base_params, logical_axes_tree(inp.model_cfg), mesh, rules)
+        if scan:  # a caller's list-of-layers params: stacked once here (a copy)
+            base_params = stack_layers(base_params)
+        base_params = shd.shard_params(
+            base_params, logical_axes_tree(inp.model_cfg, stacked=is_stacked(base_params)),
+            mesh, rules)
     frozen = {"base": base_params,
               "adapter": shd.put_tree(inp.target.to_jax(jnp.float32), shd.replicated(mesh)),
               "contexts": shd.shard_params(inp.contexts, shd.context_specs(inp.contexts), mesh,
