@@ -655,6 +655,10 @@ def report_config(c: BenchConfig, t: dict[str, Any], rss: dict[str, Any]) -> lis
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is not None and "--aot" in argv:  # ahead-of-time compile table (hfjax.bench_aot)
+        from hfjax.bench_aot import main as aot_main
+
+        return aot_main([a for a in argv if a != "--aot"])
     p = argparse.ArgumentParser(prog="hfjax bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="small,mid,paper",
                    help="configurations to run, comma-separated (small, mid, paper)")

@@ -11,8 +11,4 @@ import sys
 from hfjax.bench import main
 
 if __name__ == "__main__":
-    if "--aot" in sys.argv[1:]:  # ahead-of-time compile table: `hfjax.bench_aot`
-        from hfjax.bench_aot import main as aot_main
-
-        raise SystemExit(aot_main([a for a in sys.argv[1:] if a != "--aot"]))
     raise SystemExit(main(sys.argv[1:]))

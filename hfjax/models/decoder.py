@@ -9,6 +9,14 @@
     # adapter:  {"model.layers.3.self_attn.q_proj": {"A": (r, D), "B": (Dq, r), "scale": ()}}
     # logits:   (B, T, V) float32
 
+Two layouts of ``params["layers"]``, same function: a list of per-layer pytrees (an unrolled
+Python loop: compile time grows with depth) or, from `stack_layers` /
+``from_pretrained(stacked=True)``, ONE pytree of (N, ...) arrays run as a `jax.lax.scan`
+(compile time independent of depth). Layers that differ ride along as scanned arrays: the
+attention window per layer (0 = full), a local-RoPE flag selecting between two cos/sin
+tables, and the adapter stacked per module kind by `stack_adapter` (missing layers and
+smaller ranks zero-padded: exact). `layer_plan` says which in one line.
+
 Nothing is module state: a LoRA is an argument, so fusion's "dynamic patching" is calling
 `forward` with patched B matrices. Family deltas come from `ModelConfig` fields (biases,
 per-layer sliding windows, Llama 3 RoPE; q/k norms, norm placement and flavour, embedding
