@@ -164,8 +164,8 @@ def test_planner_matches_xla_for_the_compiled_fuse_step():
 
 
 def test_planner_models_the_backend():
-    """A bf16 base: CPU counts float32 copies of one layer (scanned) or all layers (loop);
-    GPU counts none."""
+    """A bf16 base: CPU counts float32 copies of every layer (XLA:CPU keeps them, scanned or
+    not); GPU counts none."""
     cfg = _tiny_cfg()
     cfg.train.base_dtype = "bfloat16"
     mc = ModelConfig(**TINY)
@@ -182,7 +182,12 @@ def test_planner_models_the_backend():
     loop = memory.memory_plan(cfg, mc, plan, backend="cpu")
     assert gpu["bytes"]["upcast_weights"] == 0 and gpu["backend"] == "gpu"
     layer = cpu["bytes"]["upcast_weights"]
-    assert layer > 0 and loop["bytes"]["upcast_weights"] == TINY["num_hidden_layers"] * layer
+    assert layer > 0 and loop["bytes"]["upcast_weights"] == layer
+    from hfjax.models.key_tables import key_table, our_shape
+
+    layers_f32 = sum(int(np.prod(our_shape(s, mc))) * 4 for s in key_table(mc)
+                     if s.ours[0] == "layers")
+    assert layer == layers_f32
     assert cpu["bytes"]["lm_activations"] > gpu["bytes"]["lm_activations"]  # f32 on CPU
     cfg.train.base_dtype = "float32"
     assert memory.memory_plan(cfg, mc, plan, backend="cpu")["bytes"]["upcast_weights"] == 0
