@@ -41,8 +41,8 @@ estimates
     ``upcast_weights``  backend-dependent: XLA:CPU has no bf16/f16 dot, so it converts a
         narrow base's weights to float32 for its dots and keeps every layer's copy alive from
         the forward to the backward: ``N · layer params · 4``, measured so with the layers
-        unrolled AND scanned (paper setting, bf16, scanned: XLA temp 56.6 GiB at 32 layers /
-        126.5 GiB at 80 vs this plan's 50.9 / 120.6 GiB). Zero on GPU/TPU (native bf16 dots)
+        unrolled AND scanned (paper setting, bf16, scanned: XLA temp 55.3 GiB at 32 layers /
+        123.5 GiB at 80 vs this plan's transient 48.5 / 114.7 GiB). Zero on GPU/TPU (native bf16 dots)
         and for a float32 base.
         For the same reason ``lm_activations`` use ``b = 4`` on CPU whatever the base dtype.
 
