@@ -42,8 +42,8 @@ estimates
         narrow base's weights to float32 for its dots and keeps every layer's copy alive from
         the forward to the backward: ``N · layer params · 4``, measured so with the layers
         unrolled AND scanned (paper setting, bf16, scanned: XLA temp 55.3 GiB at 32 layers /
-        123.5 GiB at 80 vs this plan's transient 48.5 / 114.7 GiB). Zero on GPU/TPU (native bf16 dots)
-        and for a float32 base.
+        123.5 GiB at 80 vs this plan's transient 48.5 / 114.7 GiB). Zero on GPU/TPU (native
+        bf16 dots) and for a float32 base.
         For the same reason ``lm_activations`` use ``b = 4`` on CPU whatever the base dtype.
 
 Assumptions: one micro-batch's activations are alive at a time (the micro-batches are a
