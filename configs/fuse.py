@@ -172,6 +172,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 2
     # Rematerialise the base model's decoder layers in the backward pass (less memory).
     config.train.remat = False
+    # Hold the base model's layers stacked and run them as one lax.scan (compile time
+    # independent of depth); False keeps a list of layers and an unrolled loop.
+    config.train.scan_layers = True
 
     # Device mesh and sharding (logical axes in code, their mesh mapping here).
     config.mesh = ml_collections.ConfigDict()

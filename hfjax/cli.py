@@ -119,6 +119,10 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.aot is not None:
+        from hfjax.bench_aot import main as aot_main
+
+        return aot_main(args.aot)
     from hfjax.bench import run_bench
 
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -282,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allocator", choices=("glibc-tuned", "default"), default="glibc-tuned",
                    help="glibc-tuned: no mmap/trim for both sides (fewer page faults)")
     b.add_argument("--no-rss", action="store_true", help="skip the peak-RSS workers")
+    b.add_argument("--aot", nargs=argparse.REMAINDER, default=None,
+                   help="instead: the ahead-of-time compile table (hfjax.bench_aot); the "
+                        "arguments after it are its own (--quick, --layers, --sources, ...)")
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("memory", help="the paper setting's memory plan (1 and 8 GPUs)")

@@ -38,8 +38,18 @@ estimates
         ``M·n·(2F + 10E)·4`` (input LayerNorm in/out, the two views, gate, norm) ``+
         M·n_b·2F·4`` (decoder output) ``+ 3·M·n·K·4`` (RDM projections), ``F = block·r``.
 
-Only one micro-batch's activations are alive at a time (the micro-batches are a scan), and
-the networks run once per optimizer step.
+    ``upcast_weights``  backend-dependent: XLA:CPU has no bf16/f16 dot, so it converts a
+        narrow base's weights to float32 for its dots and keeps every layer's copy alive from
+        the forward to the backward: ``N · layer params · 4``, measured so with the layers
+        unrolled AND scanned (paper setting, bf16, scanned: XLA temp 55.3 GiB at 32 layers /
+        123.5 GiB at 80 vs this plan's transient 48.5 / 114.7 GiB). Zero on GPU/TPU (native
+        bf16 dots) and for a float32 base.
+        For the same reason ``lm_activations`` use ``b = 4`` on CPU whatever the base dtype.
+
+Assumptions: one micro-batch's activations are alive at a time (the micro-batches are a
+scan), the networks run once per optimizer step, and the backend is the one the plan is
+made for (``backend``, default: JAX's default backend). ``memory_analysis()`` of a CPU
+compile says nothing about GPU memory.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ from hfjax.sharding import (
 
 GiB = float(1 << 30)
 _ORDER = ("base", "networks", "alphas", "adamw", "gradients", "contexts", "target_adapter",
-          "lm_activations", "logits", "network_activations")
+          "lm_activations", "logits", "network_activations", "upcast_weights")
 _EXACT = ("base", "networks", "alphas", "adamw", "contexts", "target_adapter")
 
 
@@ -233,6 +243,20 @@ def lm_activation_bytes(model_cfg: Any, batch: int, length: int, dtype: Any, rem
     return int(resid), int(logits)
 
 
+def upcast_weight_bytes(model_cfg: Any, dtype: Any, backend: str, scanned: bool,
+                        rules: Rules, mesh: _MeshShape) -> int:
+    """float32 copies of the base weights that the backend makes for its dots (see the
+    module docstring): all layers' on CPU (``scanned`` does not change that today)."""
+    from hfjax.models.key_tables import key_table, our_shape
+
+    if backend != "cpu" or np.dtype(dtype).itemsize >= 4:
+        return 0
+    layer = sum(array_bytes(our_shape(s, model_cfg), 4, s.axes, rules, mesh)
+                for s in key_table(model_cfg) if s.ours[0] == "layers" and s.ours[1] == 0)
+    del scanned  # XLA:CPU keeps the copies of every layer either way (measured)
+    return int(model_cfg.num_hidden_layers * layer)
+
+
 def network_activation_bytes(plan: Any, fusion_cfg: Any, num_projections: int, rules: Rules,
                              mesh: _MeshShape) -> int:
     E, K = fusion_cfg.embed_dim, num_projections
@@ -250,14 +274,19 @@ def network_activation_bytes(plan: Any, fusion_cfg: Any, num_projections: int, r
 
 # ----------------------------------------------------------------------------- the plan
 def memory_plan(cfg: Any, model_cfg: Any, plan: Any,
-                mesh_shape: Mapping[str, int] | None = None) -> dict[str, Any]:
+                mesh_shape: Mapping[str, int] | None = None,
+                backend: str | None = None) -> dict[str, Any]:
     """Per-device bytes of a fuse run (see the module docstring for what each entry counts).
 
     ``cfg`` is a `hfjax.config.FuseJob`, or a fuse ConfigDict read into one unchecked (a
     plan for a setting whose files need not exist).
     Returns ``{"mesh": sizes, "bytes": {component: int}, "total": int, "exact": [...],
-    "network_params": int, "micro_batch": (B, L), "remat": bool, "base_dtype": str}``.
+    "network_params": int, "micro_batch": (B, L), "remat": bool, "base_dtype": str,
+    "backend": str, "scan_layers": bool}``. ``backend``: the platform the step compiles for
+    (``"cpu"``, ``"gpu"``, ``"tpu"``; default ``jax.default_backend()``).
     """
+    import jax
+
     from hfjax.config.jobs import FuseJob, fuse_job_from
     from hfjax.loading import resolve_dtype
 
@@ -267,10 +296,14 @@ def memory_plan(cfg: Any, model_cfg: Any, plan: Any,
     tr = job.train
     rules = rules_for_batch(rules_from_config(job.mesh.rules), mesh, tr.batch_size)
     dtype = resolve_dtype(tr.base_dtype)
+    backend = backend or jax.default_backend()
+    scanned = bool(tr.scan_layers)
     nets, nets_bytes, n_params = _network_bytes(plan, job.net, rules, mesh)
     alphas = sum(nets["tree"]["alpha"].values())
-    resid, logits = lm_activation_bytes(model_cfg, tr.batch_size, job.data.cutoff_len, dtype,
-                                        bool(tr.remat), rules, mesh)
+    # XLA:CPU runs narrow-float arithmetic in float32 (its residuals are float32 too).
+    act_dtype = np.float32 if backend == "cpu" else dtype
+    resid, logits = lm_activation_bytes(model_cfg, tr.batch_size, job.data.cutoff_len,
+                                        act_dtype, bool(tr.remat), rules, mesh)
     out = {
         "base": base_bytes(model_cfg, dtype, rules, mesh),
         "networks": nets_bytes,
@@ -283,30 +316,34 @@ def memory_plan(cfg: Any, model_cfg: Any, plan: Any,
         "logits": logits,
         "network_activations": network_activation_bytes(plan, job.net,
                                                         job.rdm.num_projections, rules, mesh),
+        "upcast_weights": upcast_weight_bytes(model_cfg, dtype, backend, scanned, rules, mesh),
     }
     return {"mesh": sizes, "bytes": out, "total": int(sum(out.values())),
             "exact": list(_EXACT), "network_params": n_params,
             "micro_batch": (int(tr.batch_size), int(job.data.cutoff_len)),
             "remat": bool(tr.remat), "base_dtype": np.dtype(dtype).name,
+            "backend": backend, "scan_layers": scanned,
             "groups": len(plan.groups)}
 
 
 def memory_plan_text(cfg: Any, model_cfg: Any, plan: Any,
                      mesh_shape: Mapping[str, int] | None = None,
-                     device_gib: float | None = None) -> str:
+                     device_gib: float | None = None, backend: str | None = None) -> str:
     """`memory_plan` as a table (GiB per device); ``device_gib`` adds a fits / does-not line."""
-    p = memory_plan(cfg, model_cfg, plan, mesh_shape)
+    p = memory_plan(cfg, model_cfg, plan, mesh_shape, backend)
     m = p["mesh"]
     B, L = p["micro_batch"]
     lines = [f"memory per device (mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}, "
              f"{math.prod(m.values())} device(s); base {p['base_dtype']}, micro-batch {B}x{L}, "
-             f"remat {'on' if p['remat'] else 'off'}):"]
+             f"remat {'on' if p['remat'] else 'off'}, layers "
+             f"{'scanned' if p['scan_layers'] else 'unrolled'}, backend {p['backend']}):"]
     notes = {"base": "frozen base weights", "networks": f"{p['network_params'] / 1e6:.1f} M "
              f"float32 params, {p['groups']} network(s)", "alphas": "one per group",
              "adamw": "2 moments + counters", "gradients": "transient, one step",
              "contexts": "block contexts, float32", "target_adapter": "float32, replicated",
              "lm_activations": "estimate, one micro-batch", "logits": "estimate: 2 x B.L.V.4",
-             "network_activations": "estimate, incl. RDM"}
+             "network_activations": "estimate, incl. RDM",
+             "upcast_weights": "XLA:CPU f32 copies of a narrow base (0 on GPU)"}
     for k in _ORDER:
         v = p["bytes"][k]
         lines.append(f"  {k:<20} {v / GiB:9.3f} GiB   {notes[k]}")
@@ -372,7 +409,8 @@ def paper_memory_report() -> str:
         for remat in (False, True):
             cfg.train.remat = remat
             lines.append(f"\n[{title}]")
-            lines.append(memory_plan_text(cfg, model_cfg, plan, mesh_shape=shape, device_gib=80))
+            lines.append(memory_plan_text(cfg, model_cfg, plan, mesh_shape=shape, device_gib=80,
+                                          backend="gpu"))
     return "\n".join(lines)
 
 

@@ -151,3 +151,45 @@ def test_memory_plan_text_lists_every_component(remat):
     for k in ("base", "networks", "adamw", "contexts", "lm_activations", "logits", "total"):
         assert k in text
     assert ("remat on" in text) == remat
+
+
+def test_planner_matches_xla_for_the_compiled_fuse_step():
+    """The whole fuse step compiled ahead of time (abstract shapes, scanned layers, float32
+    base, this backend): the planner's transient part within 1.3x of XLA's temp buffers."""
+    from hfjax.bench_aot import AotCase, run_case
+
+    r = run_case(AotCase(layers=4, sources=1, remat=False, base_dtype="float32", quick=True))
+    ratio = r["xla_temp"] / r["plan_transient"]
+    assert 1 / 1.3 <= ratio <= 1.3, (r["xla_temp"], r["plan_transient"])
+
+
+def test_planner_models_the_backend():
+    """A bf16 base: CPU counts float32 copies of every layer (XLA:CPU keeps them, scanned or
+    not); GPU counts none."""
+    cfg = _tiny_cfg()
+    cfg.train.base_dtype = "bfloat16"
+    mc = ModelConfig(**TINY)
+    from hfjax.demo.zoo import random_lora
+
+    from hfjax.fusion import build_plan
+
+    target = random_lora(mc, r=4, seed=0, target_modules=("q_proj",))
+    plan = build_plan(target, [random_lora(ModelConfig(**SOURCE), r=4, seed=1,
+                                           target_modules=("q_proj",))],
+                      block_size=cfg.fusion.block_size)
+    gpu = memory.memory_plan(cfg, mc, plan, backend="gpu")
+    cpu = memory.memory_plan(cfg, mc, plan, backend="cpu")
+    cfg.train.scan_layers = False
+    loop = memory.memory_plan(cfg, mc, plan, backend="cpu")
+    assert gpu["bytes"]["upcast_weights"] == 0 and gpu["backend"] == "gpu"
+    layer = cpu["bytes"]["upcast_weights"]
+    assert layer > 0 and loop["bytes"]["upcast_weights"] == layer
+    from hfjax.models.key_tables import key_table, our_shape
+
+    layers_f32 = sum(int(np.prod(our_shape(s, mc))) * 4 for s in key_table(mc)
+                     if s.ours[0] == "layers")
+    assert layer == layers_f32
+    assert cpu["bytes"]["lm_activations"] > gpu["bytes"]["lm_activations"]  # f32 on CPU
+    cfg.train.base_dtype = "float32"
+    assert memory.memory_plan(cfg, mc, plan, backend="cpu")["bytes"]["upcast_weights"] == 0
+    assert "backend cpu" in memory.memory_plan_text(cfg, mc, plan, backend="cpu")

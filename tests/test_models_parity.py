@@ -153,3 +153,29 @@ def test_export_round_trip_in_transformers(case, tmp_path):
     again = hfjax.from_pretrained(out, dtype="float32")
     assert again.config == ours.config
     chex.assert_trees_all_equal(again.params, ours.params)
+
+
+def test_stacked_layers_match_transformers(case, tmp_path):
+    """The scanned layout (``from_pretrained(stacked=True)``): logits vs transformers, greedy
+    generation as the list layout, and export from the stacked arrays is bit-exact."""
+    from hfjax.loading import save_pretrained
+    from hfjax.models.decoder import is_stacked
+
+    name, d = case
+    ref_model = load_hf_model(d)
+    listed = hfjax.from_pretrained(d, dtype="float32")
+    ours = hfjax.from_pretrained(d, dtype="float32", stacked=True)
+    assert is_stacked(ours.params) and not is_stacked(listed.params)
+    n = ours.config.num_hidden_layers
+    assert ours.params["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == n
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 96, size=(2, 11))
+    err = np.abs(np.asarray(ours(ids)) - torch_logits(ref_model, ids)).max()
+    assert err <= 1e-4, f"{name}: max abs logit error {err:.2e}"
+    np.testing.assert_array_equal(np.asarray(ours.generate(ids[:, :5], 4)),
+                                  np.asarray(listed.generate(ids[:, :5], 4)))
+    out = save_pretrained(ours, tmp_path / "exported")
+    state, new_state = ref_model.state_dict(), load_hf_model(out).state_dict()
+    assert state.keys() == new_state.keys(), name
+    for key, value in state.items():
+        assert torch.equal(value, new_state[key]), f"{name}: {key}"

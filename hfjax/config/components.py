@@ -435,6 +435,7 @@ class TrainConfig:
     base_dtype: str = "bfloat16"  # dtype of the frozen base weights
     # Accumulation windows: "original" (per-epoch, as the first release) or "continuous".
     windows: str = "original"
+    scan_layers: bool = True  # run the decoder layers as one lax.scan (compile time flat in depth)
 
     def check(self, *, at: str = "train") -> list[str]:
         c = _Checks(at)

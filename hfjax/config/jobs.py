@@ -195,7 +195,8 @@ def _train(tr: Any) -> TrainConfig:
                        max_steps=tr.max_steps, log_every=tr.log_every,
                        checkpoint_every=tr.checkpoint_every,
                        keep_checkpoints=tr.keep_checkpoints, remat=tr.remat,
-                       base_dtype=tr.base_dtype, windows=tr.get("windows", "original"))
+                       base_dtype=tr.base_dtype, windows=tr.get("windows", "original"),
+                       scan_layers=bool(tr.get("scan_layers", True)))
 
 
 def _data(root: Any, datasets: Any, cutoff_len: Any, min_bucket: Any) -> DataSpec:

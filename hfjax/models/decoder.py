@@ -9,6 +9,14 @@
     # adapter:  {"model.layers.3.self_attn.q_proj": {"A": (r, D), "B": (Dq, r), "scale": ()}}
     # logits:   (B, T, V) float32
 
+Two layouts of ``params["layers"]``, same function: a list of per-layer pytrees (an unrolled
+Python loop: compile time grows with depth) or, from `stack_layers` /
+``from_pretrained(stacked=True)``, ONE pytree of (N, ...) arrays run as a `jax.lax.scan`
+(compile time independent of depth). Layers that differ ride along as scanned arrays: the
+attention window per layer (0 = full), a local-RoPE flag selecting between two cos/sin
+tables, and the adapter stacked per module kind by `stack_adapter` (missing layers and
+smaller ranks zero-padded: exact). `layer_plan` says which in one line.
+
 Nothing is module state: a LoRA is an argument, so fusion's "dynamic patching" is calling
 `forward` with patched B matrices. Family deltas come from `ModelConfig` fields (biases,
 per-layer sliding windows, Llama 3 RoPE; q/k norms, norm placement and flavour, embedding
@@ -121,17 +129,17 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(b, t, h, hd)
 
 
-def _layer(x: jax.Array, p: Params, i: int, cfg: ModelConfig,
-           rotary: dict[bool, tuple[jax.Array, jax.Array]], masks: dict[int, jax.Array],
-           adapter: Adapter, kv: Cache | None,
+def _layer(x: jax.Array, p: Params, loras: dict[str, Any], cfg: ModelConfig,
+           cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: Cache | None,
            cache_index: jax.Array | None) -> tuple[jax.Array, Cache | None]:
-    pre = f"model.layers.{i}."
+    """One decoder layer. ``loras``: module kind (``"q_proj"``, ...) -> its LoRA or None;
+    ``cos``/``sin``: this layer's RoPE tables; ``mask``: its (B, 1, T, S) attention mask."""
     b, t, _ = x.shape
     h = x if cfg.layer_norms == "post" else _norm(x, p["input_norm"], cfg)
     att = p["attn"]
-    q = lora.linear(h, att["q_proj"], adapter.get(pre + _ATTN_HF["q_proj"]))
-    k = lora.linear(h, att["k_proj"], adapter.get(pre + _ATTN_HF["k_proj"]))
-    v = lora.linear(h, att["v_proj"], adapter.get(pre + _ATTN_HF["v_proj"]))
+    q = lora.linear(h, att["q_proj"], loras["q_proj"])
+    k = lora.linear(h, att["k_proj"], loras["k_proj"])
+    v = lora.linear(h, att["v_proj"], loras["v_proj"])
     if cfg.qk_norm == "full":
         q, k = _norm(q, att["q_norm"], cfg), _norm(k, att["k_norm"], cfg)
     q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -139,8 +147,6 @@ def _layer(x: jax.Array, p: Params, i: int, cfg: ModelConfig,
     v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
     if cfg.qk_norm == "head":
         q, k = _norm(q, att["q_norm"], cfg), _norm(k, att["k_norm"], cfg)
-    window = cfg.sliding_windows[i]
-    cos, sin = rotary[window is not None and cfg.rope_local_theta is not None]
     q = nn.with_logical_constraint(rope.apply(q, cos, sin), ("batch", "seq", "heads", None))
     k = rope.apply(k, cos, sin)
     new_kv = None
@@ -152,19 +158,19 @@ def _layer(x: jax.Array, p: Params, i: int, cfg: ModelConfig,
                                           (zero, cache_index, zero, zero))
         new_kv = {"k": ks, "v": vs}
         k, v = ks, vs
-    o = _attention(q, k, v, masks[window or 0], cfg)
+    o = _attention(q, k, v, mask, cfg)
     o = o.reshape(b, t, cfg.num_attention_heads * cfg.head_dim)
-    o = lora.linear(o, att["o_proj"], adapter.get(pre + _ATTN_HF["o_proj"]))
+    o = lora.linear(o, att["o_proj"], loras["o_proj"])
     if cfg.layer_norms != "pre":
         o = _norm(o, p["attn_out_norm"], cfg)
     x = nn.with_logical_constraint(x + o, ("batch", "seq", "embed"))
 
     h = x if cfg.layer_norms == "post" else _norm(x, p["post_norm"], cfg)
     mlp = p["mlp"]
-    g = lora.linear(h, mlp["gate_proj"], adapter.get(pre + _MLP_HF["gate_proj"]))
-    u = lora.linear(h, mlp["up_proj"], adapter.get(pre + _MLP_HF["up_proj"]))
+    g = lora.linear(h, mlp["gate_proj"], loras["gate_proj"])
+    u = lora.linear(h, mlp["up_proj"], loras["up_proj"])
     a = nn.with_logical_constraint(_act(g, cfg) * u, ("batch", "seq", "mlp"))
-    m = lora.linear(a, mlp["down_proj"], adapter.get(pre + _MLP_HF["down_proj"]))
+    m = lora.linear(a, mlp["down_proj"], loras["down_proj"])
     if cfg.layer_norms != "pre":
         m = _norm(m, p["mlp_out_norm"], cfg)
     x = nn.with_logical_constraint(x + m, ("batch", "seq", "embed"))
@@ -214,14 +220,13 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     # Keyed by window (0 = full attention): one mask per distinct window, shared by layers.
     masks = {w or 0: _mask(q_idx, k_idx, k_valid, w) for w in set(cfg.sliding_windows)}
 
-    layer_fn = _layer
-    if remat:
-        layer_fn = jax.checkpoint(_layer, static_argnums=(2, 3))
-    new_layers = []
-    for i, p in enumerate(params["layers"]):
-        kv = cache["layers"][i] if cache is not None else None
-        x, new_kv = layer_fn(x, p, i, cfg, rotary, masks, adapter, kv, start)
-        new_layers.append(new_kv)
+    if is_stacked(params):
+        x, new_layers = _scan_layers(x, params["layers"], cfg, rotary, masks, adapter,
+                                     None if cache is None else cache["layers"], start,
+                                     q_idx, k_idx, k_valid, remat)
+    else:
+        x, new_layers = _loop_layers(x, params["layers"], cfg, rotary, masks, adapter,
+                                     None if cache is None else cache["layers"], start, remat)
     x = _norm(x, params["final_norm"], cfg)
     new_cache = None if cache is None else {"layers": new_layers, "valid": k_valid}
     if return_hidden:
@@ -233,10 +238,158 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")), new_cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> Cache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype, *,
+               stacked: bool = False) -> Cache:
+    """An empty KV cache: per-layer ``{"k", "v"}`` (B, S, Hkv, hd) in a list, or (with
+    ``stacked``, for stacked params) one ``{"k", "v"}`` of (N, B, S, Hkv, hd)."""
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {
-        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                   for _ in range(cfg.num_hidden_layers)],
-        "valid": jnp.zeros((batch, max_len), bool),
-    }
+    if stacked:
+        n = cfg.num_hidden_layers
+        layers: Any = {"k": jnp.zeros((n, *shape), dtype), "v": jnp.zeros((n, *shape), dtype)}
+    else:
+        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                  for _ in range(cfg.num_hidden_layers)]
+    return {"layers": layers, "valid": jnp.zeros((batch, max_len), bool)}
+
+
+# ----------------------------------------------------------------------------- layer stacks
+_KINDS = {**_ATTN_HF, **_MLP_HF}  # module kind -> HF suffix under model.layers.{i}.
+
+
+def is_stacked(params: Params) -> bool:
+    """True when ``params["layers"]`` is one pytree of (N, ...) arrays (the scanned layout)."""
+    return isinstance(params["layers"], dict)
+
+
+def stack_layers(params: Params) -> Params:
+    """The list-of-layers params with their layers stacked into (N, ...) arrays (a copy)."""
+    if is_stacked(params):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
+def unstack_layers(params: Params) -> Params:
+    """The inverse of `stack_layers`: ``params["layers"]`` as a list of per-layer pytrees."""
+    if not is_stacked(params):
+        return params
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]}
+
+
+def _layer_loras(adapter: Adapter, i: int) -> dict[str, Any]:
+    pre = f"model.layers.{i}."
+    return {kind: adapter.get(pre + hf) for kind, hf in _KINDS.items()}
+
+
+def stack_adapter(adapter: Adapter, cfg: ModelConfig) -> dict[str, Any]:
+    """Per module kind, the adapter's LoRAs stacked over layers (None if no layer has one).
+
+    Layers the adapter leaves out get zeros, and smaller ranks are zero-padded to the
+    kind's largest rank: ``B A`` is unchanged (the padded rows of A and columns of B are
+    zero), so the scanned forward computes exactly the per-layer function. Shapes:
+    ``{"A": (N, r, d_in), "B": (N, d_out, r), "scale": (N,)}``."""
+    n = cfg.num_hidden_layers
+    shapes = module_names(cfg)
+    out: dict[str, Any] = {}
+    for kind, hf in _KINDS.items():
+        mods = [adapter.get(f"model.layers.{i}.{hf}") for i in range(n)]
+        present = [m for m in mods if m is not None]
+        if not present:
+            out[kind] = None
+            continue
+        d_in, d_out = shapes[f"model.layers.0.{hf}"]
+        r = max(m["A"].shape[0] for m in present)
+        da = jnp.result_type(*[m["A"].dtype for m in present])
+        db = jnp.result_type(*[m["B"].dtype for m in present])
+        ds = jnp.result_type(*[jnp.asarray(m["scale"]).dtype for m in present])
+
+        def pad(x: jax.Array, axis: int, r: int = r) -> jax.Array:
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, r - x.shape[axis])
+            return jnp.pad(x, widths) if x.shape[axis] != r else x
+
+        out[kind] = {
+            "A": jnp.stack([pad(m["A"].astype(da), 0) if m is not None
+                            else jnp.zeros((r, d_in), da) for m in mods]),
+            "B": jnp.stack([pad(m["B"].astype(db), 1) if m is not None
+                            else jnp.zeros((d_out, r), db) for m in mods]),
+            "scale": jnp.stack([jnp.asarray(m["scale"], ds) if m is not None
+                                else jnp.zeros((), ds) for m in mods]),
+        }
+    return out
+
+
+def layer_plan(cfg: ModelConfig, adapter_modules: Any = (), stacked: bool = True) -> str:
+    """One line saying how `forward` runs the layers: scanned (and which per-layer values
+    ride along as arrays) or an unrolled loop."""
+    n = cfg.num_hidden_layers
+    if not stacked:
+        return f"decoder: {n} layers unrolled (list-of-layers params; compile grows with depth)"
+    notes = []
+    windows = set(cfg.sliding_windows)
+    if len(windows) > 1:
+        notes.append(f"per-layer attention windows {sorted(w or 0 for w in windows)} as an array")
+    if cfg.rope_local_theta is not None and len(windows) > 1:
+        notes.append("local/global RoPE tables selected by a per-layer flag")
+    kinds: dict[str, set[int]] = {}
+    for name in adapter_modules:
+        parts = str(name).split(".")
+        kinds.setdefault(parts[-1], set()).add(int(parts[2]))
+    partial = sorted(k for k, ls in kinds.items() if len(ls) < n)
+    if partial:
+        notes.append(f"LoRA on some layers only ({', '.join(partial)}): zero-padded")
+    extra = f" ({'; '.join(notes)})" if notes else " (identical layers)"
+    return f"decoder: {n} layers in one lax.scan over stacked params{extra}"
+
+
+def _loop_layers(x: jax.Array, layers: list[Params], cfg: ModelConfig, rotary: dict, masks: dict,
+                 adapter: Adapter, kv_layers: list | None, start: jax.Array, remat: bool
+                 ) -> tuple[jax.Array, list]:
+    layer_fn = jax.checkpoint(_layer, static_argnums=(3,)) if remat else _layer
+    new_layers = []
+    for i, p in enumerate(layers):
+        window = cfg.sliding_windows[i]
+        cos, sin = rotary[window is not None and cfg.rope_local_theta is not None]
+        kv = kv_layers[i] if kv_layers is not None else None
+        x, new_kv = layer_fn(x, p, _layer_loras(adapter, i), cfg, cos, sin, masks[window or 0],
+                             kv, start)
+        new_layers.append(new_kv)
+    return x, new_layers
+
+
+def _scan_layers(x: jax.Array, layers: Params, cfg: ModelConfig, rotary: dict, masks: dict,
+                 adapter: Adapter, kv_layers: Any, start: jax.Array, q_idx: jax.Array,
+                 k_idx: jax.Array, k_valid: jax.Array, remat: bool) -> tuple[jax.Array, Any]:
+    """All layers as one `lax.scan`: compile time independent of depth. Per-layer values
+    (window, local-RoPE flag, LoRAs) are scanned arrays; uniform ones stay closed over."""
+    windows = [w or 0 for w in cfg.sliding_windows]
+    local = [w is not None and cfg.rope_local_theta is not None for w in cfg.sliding_windows]
+    xs: dict[str, Any] = {"p": layers, "lora": stack_adapter(adapter, cfg)}
+    if len(set(windows)) > 1:
+        xs["window"] = jnp.asarray(windows, jnp.int32)
+    if len(set(local)) > 1:
+        xs["local"] = jnp.asarray(local)
+    if isinstance(kv_layers, list):
+        kv_layers = jax.tree.map(lambda *a: jnp.stack(a), *kv_layers)
+    if kv_layers is not None:
+        xs["kv"] = kv_layers
+
+    def body(h: jax.Array, xl: dict[str, Any]) -> tuple[jax.Array, Any]:
+        if "window" in xl:
+            w = xl["window"]
+            causal = (k_idx[None, :] <= q_idx[:, None])[None] & k_valid[:, None, :]
+            inside = (w == 0) | (k_idx[None, :] > q_idx[:, None] - w)[None]
+            mask = (causal & inside)[:, None]
+        else:
+            mask = masks[windows[0]]
+        if "local" in xl:
+            cos = jnp.where(xl["local"], rotary[True][0], rotary[False][0])
+            sin = jnp.where(xl["local"], rotary[True][1], rotary[False][1])
+        else:
+            cos, sin = rotary[local[0]]
+        return _layer(h, xl["p"], xl["lora"], cfg, cos, sin, mask, xl.get("kv"), start)
+
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, x, xs)

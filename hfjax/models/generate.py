@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfjax.models.config import ModelConfig
-from hfjax.models.decoder import Adapter, Params, forward, init_cache
+from hfjax.models.decoder import Adapter, Params, forward, init_cache, is_stacked
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_len"))
 def _prefill(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
              adapter: Adapter, max_len: int):
-    cache = init_cache(cfg, input_ids.shape[0], max_len, params["embed"].dtype)
+    cache = init_cache(cfg, input_ids.shape[0], max_len, params["embed"].dtype,
+                       stacked=is_stacked(params))
     pos = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     logits, cache = forward(params, cfg, input_ids, attention_mask, adapter,
                             position_ids=pos, cache=cache, cache_index=0)

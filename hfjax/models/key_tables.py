@@ -145,22 +145,36 @@ def set_path(tree: dict, path: tuple[Any, ...], value: Any) -> None:
 
 
 def get_path(tree: Any, path: tuple[Any, ...]) -> Any:
+    """The leaf at ``path``; in stacked params (``tree["layers"]`` a dict of (N, ...) arrays)
+    ``("layers", i, *rest)`` is row ``i`` of the stacked leaf at ``rest``."""
+    if path and path[0] == "layers" and isinstance(tree.get("layers"), dict):
+        return get_path(tree["layers"], stacked_path(path))[path[1]]
     for k in path:
         tree = tree[k]
     return tree
 
 
+def stacked_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``("layers", i, *rest)`` -> ``rest`` (the leaf's path inside the stacked layers)."""
+    return tuple(path[2:])
+
+
 def iter_params(params: dict, cfg: ModelConfig) -> Iterator[tuple[KeySpec, Any]]:
-    """(spec, our array) for every row of the table, for export."""
+    """(spec, our array) for every row of the table, for export (one layer's slice at a
+    time from stacked params)."""
     for spec in key_table(cfg):
         yield spec, get_path(params, spec.ours)
 
 
-def logical_axes_tree(cfg: ModelConfig) -> dict:
-    """A pytree shaped like the params whose leaves are `PartitionSpec`s of logical axis names."""
+def logical_axes_tree(cfg: ModelConfig, stacked: bool = False) -> dict:
+    """A pytree shaped like the params whose leaves are `PartitionSpec`s of logical axis names
+    (``stacked``: the layers as one tree of (N, ...) arrays, their layer axis unsharded)."""
     from jax.sharding import PartitionSpec
 
     tree: dict = {}
     for spec in key_table(cfg):
-        set_path(tree, spec.ours, PartitionSpec(*spec.axes))
+        if stacked and spec.ours[0] == "layers":
+            set_path(tree, ("layers", *stacked_path(spec.ours)), PartitionSpec(None, *spec.axes))
+        else:
+            set_path(tree, spec.ours, PartitionSpec(*spec.axes))
     return tree

@@ -45,6 +45,7 @@ from hfjax.fusion import (
 from hfjax.fusion.controls import apply_source_control
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
+from hfjax.models.decoder import is_stacked, layer_plan, stack_layers
 from hfjax.models.key_tables import logical_axes_tree
 from hfjax.sources import load_sources
 from hfjax.training.accumulation import describe as describe_windows
@@ -138,6 +139,7 @@ def dry_run_text(cfg: ConfigDict | FuseJob, inp: Inputs) -> str:
     lines.append(f"optimizer steps: {steps} (batches/epoch {n_batches}, epochs "
                  f"{tr.epochs}, accum {tr.grad_accum})")
     lines.append("  " + describe_windows(ws, tr.grad_accum, n_batches, tr.epochs, tr.windows))
+    lines.append(layer_plan(inp.model_cfg, inp.target.modules, stacked=_scan_layers(job)))
     try:
         from hfjax.memory import memory_plan_text
 
@@ -179,6 +181,12 @@ def attention_by_source(plan: FusionPlan, sources: Sequence[LoraAdapter],
 
 
 # ----------------------------------------------------------------------------- the run
+def _scan_layers(job: FuseJob) -> bool:
+    """Run the decoder layers as one scan (``train.scan_layers``). Multi-host runs keep the
+    per-layer loop: its loader reads only each process's shards tensor by tensor."""
+    return bool(job.train.scan_layers) and not dist.is_multiprocess()
+
+
 def statics_from(cfg: ConfigDict | FuseJob, plan: FusionPlan, model_cfg: ModelConfig,
                  steps: int = 1) -> FuseStatics:
     """The fuse step's static argument: the job's network, RDM and optimizer settings."""
@@ -217,11 +225,16 @@ def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bo
     # sharding (a 1-device mesh by default on one device).
     mesh = shd.mesh_from_config(job.mesh)
     rules = shd.rules_for_batch(shd.rules_from_config(job.mesh.rules), mesh, tr.batch_size)
+    scan = _scan_layers(job)
     if base_params is None:
         base_params = from_pretrained(job.target.model_path, dtype=base_dtype, mesh=mesh,
-                                      rules=rules).params
+                                      rules=rules, stacked=scan).params
     else:
-        base_params = shd.shard_params(base_params, logical_axes_tree(inp.model_cfg), mesh, rules)
+        if scan:  # a caller's list-of-layers params: stacked once here (a copy)
+            base_params = stack_layers(base_params)
+        base_params = shd.shard_params(
+            base_params, logical_axes_tree(inp.model_cfg, stacked=is_stacked(base_params)),
+            mesh, rules)
     frozen = {"base": base_params,
               "adapter": shd.put_tree(inp.target.to_jax(jnp.float32), shd.replicated(mesh)),
               "contexts": shd.shard_params(inp.contexts, shd.context_specs(inp.contexts), mesh,
