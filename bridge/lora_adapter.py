@@ -52,7 +52,7 @@ class LoraModule:
 
     @property
     def suffix(self) -> str:
-        """Path after ``layers.{l}.``, e.g. ``self_attn.q_proj`` (SPEC §2)."""
+        """Path after ``layers.{l}.``, e.g. ``self_attn.q_proj`` (docs/algorithm.md §2)."""
         m = _LAYER_RE.search(self.name + ".")
         return self.name[m.end():] if m else self.name
 
@@ -87,7 +87,7 @@ class LoraAdapter:
 
     @property
     def num_layers(self) -> int:
-        """1 + the largest layer index among the adapted modules (SPEC §2's L)."""
+        """1 + the largest layer index among the adapted modules (docs/algorithm.md §2's L)."""
         layers = [m.layer for m in self.modules.values() if m.layer is not None]
         return 1 + max(layers) if layers else 0
 

@@ -1,6 +1,6 @@
 """The fuse job: one HeteroFusion run (target LoRA + source LoRAs + replay data -> fused LoRA).
 
-Every default below is the paper's shared training block (SPEC §9), so a paper run only
+Every default below is the paper's shared training block (docs/algorithm.md §9), so a paper run only
 fills in paths. Run it with::
 
     hfjax fuse --config hfjax:fuse \\
@@ -49,14 +49,15 @@ def get_config() -> ml_collections.ConfigDict:
     # task's merged_lora/, which only exists once that task has run.
     config.target.from_task = ""
 
-    # The source experts, in order (order fixes their token positions, SPEC §2): a tuple of
-    # ConfigDicts {name, adapter_path}, optionally with the fields of `source_defaults()`
+    # The source experts, in order (order fixes their token positions, docs/algorithm.md §2): a
+    # tuple of ConfigDicts {name, adapter_path}, optionally with the fields of `source_defaults()`
     # (fused-projection splitting and head layout). On the command line either
     # "name=path,name=path" or "path,path" (names from the folder names), or a single one as
     # sources.0.adapter_path=... Sources are never run: any family's LoRA is accepted.
     config.sources = ()
 
-    # The replay data (SPEC §8): Alpaca-style JSON records, all tasks pooled and shuffled.
+    # The replay data (docs/algorithm.md §8): Alpaca-style JSON records, all tasks pooled and
+    # shuffled.
     config.data = ml_collections.ConfigDict()
     # Folder that holds <name>.json (or .jsonl) for every dataset below.
     config.data.data_root = ""
@@ -68,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     # here to cutoff_len, so that only a few shapes are ever compiled.
     config.data.min_bucket = 64
 
-    # The transfer network (SPEC §3-§5), one per (module type, rank) group.
+    # The transfer network (docs/algorithm.md §3-§5), one per (module type, rank) group.
     config.fusion = ml_collections.ConfigDict()
     # Rows per block token: LoRA factors are cut into blocks of block_size rows (the original
     # hard-codes 4096; its later release makes it a field).
@@ -85,11 +86,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.alpha_init = 0.3
     # Share of the tail-aligned layer pairs that transfer: a float in (0, 1] or "a/b".
     config.fusion.transfer_ratio = config_dict.FieldReference(1.0, field_type=object)
-    # How target and source layers pair (SPEC §11; the later release's model.layer_alignment):
+    # How target and source layers pair (docs/algorithm.md §11; the later release's
+    # model.layer_alignment):
     # "tail" (the deepest layers meet: the method), "head" or "naive" (layer i with layer i,
     # from the bottom), "uniform" (the kept pairs spread evenly over both depths).
     config.fusion.layer_alignment = "tail"
-    # Which target factors the networks patch (SPEC §11; the later release's
+    # Which target factors the networks patch (docs/algorithm.md §11; the later release's
     # training.update_mode): "b_only" (B' = B + alpha * dB, A kept: the method), "a_only"
     # (A' = A + alpha * dA, B kept) or "ab_joint" (both, with the group's one alpha).
     config.fusion.update_mode = "b_only"
@@ -116,8 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
     # then rounds B + alpha*dB). Modules that are not fused keep their dtype either way.
     config.fusion.export_dtype = "float32"
 
-    # The RDM regulariser (SPEC §6), a sliced-Wasserstein pull of the embeddings towards
-    # relu(N(mu_target, sigma_target)).
+    # The RDM regulariser (docs/algorithm.md §6), a sliced-Wasserstein pull of the embeddings
+    # towards relu(N(mu_target, sigma_target)).
     config.rdm = ml_collections.ConfigDict()
     # Weight of the RDM term in loss = LM + lambda_reg * mean-over-groups RDM.
     config.rdm.lambda_reg = 0.005
@@ -133,7 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
     # on the host, exact and much faster on CPU), or "auto" (host on CPU, xla elsewhere).
     config.rdm.sort = "auto"
 
-    # The optimisation (SPEC §7): AdamW + linear warmup + cosine decay, no clipping.
+    # The optimisation (docs/algorithm.md §7): AdamW + linear warmup + cosine decay, no clipping.
     config.train = ml_collections.ConfigDict()
     # Passes over the pooled replay set.
     config.train.epochs = 3

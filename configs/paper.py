@@ -1,4 +1,4 @@
-"""The paper's experiments (SPEC §9), generated from a few functions.
+"""The paper's experiments (docs/algorithm.md §9), generated from a few functions.
 
     hfjax fuse --config hfjax:paper:single_source_qwen_to_llama/mit-movie
     python scripts/run_sweep.py 'sensitivity_alpha/*'
@@ -26,7 +26,7 @@ The UIE experiments replay the six UIE sets (6 x 300 examples).
 
 The first 46 are the original release's YAML files one for one (same target, same sources in
 the same order, same replay sets in the same order, same hyperparameters). The release ships
-46 files, not the 49 that SPEC §9 counts; the 3 ``ablation/*`` experiments make up the
+46 files, not the 49 that docs/algorithm.md §9 counts; the 3 ``ablation/*`` experiments make up the
 difference with the method's own switches (``fusion.gate="open"`` is the paper's "w/o
 denoising" row; ``rdm.lambda_reg=0`` and ``fusion.zero_sources`` isolate the regulariser and
 the sources).

@@ -1,7 +1,8 @@
 """The train-lora job: one LoRA expert trained in JAX on Alpaca data, exported for PEFT.
 
-The defaults are the paper's experts (SPEC §9: r 8, 3 epochs at lr 1e-4, all linear
-projections), trained with the replay pipeline's chat templates and truncation (SPEC §8).
+The defaults are the paper's experts (docs/algorithm.md §9: r 8, 3 epochs at lr 1e-4, all linear
+projections), trained with the replay pipeline's chat templates and truncation (docs/algorithm.md
+§8).
 Run it with::
 
     hfjax train-lora --config hfjax:train_lora \\

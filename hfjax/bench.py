@@ -146,7 +146,7 @@ class BenchConfig:
 
 
 _ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# PERF_NOTES' tiny Llama of the LM step: hidden 256, 4 layers, seq 256.
+# docs/performance.md §2's tiny Llama of the LM step: hidden 256, 4 layers, seq 256.
 _TINY = LMShape(hidden=256, intermediate=1024, layers=4, heads=4, kv_heads=2, vocab=1024)
 CONFIGS = {
     "small": BenchConfig("small", block=64, embed=64, modules=4, n_a=1, n_b=2, sources=3,
@@ -612,8 +612,8 @@ _WORKER_MAIN = "import sys; from hfjax.bench import run_worker; sys.exit(run_wor
 
 def _env(allocator: str) -> dict[str, str]:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu",
-           # torch's OpenMP threads otherwise busy-wait at every barrier; on a shared CPU
-           # that costs torch up to 3x (measured), so give it its best case.
+           # torch's OpenMP threads otherwise busy-wait at every barrier, which is slow on a
+           # shared CPU (docs/performance.md §1), so give it its best case.
            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            # the workers import this very hfjax (a checkout or an installed package)
            "PYTHONPATH": os.pathsep.join([_PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")])}

@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache for the `hfjax` commands.
 
-Compiling a fused step takes seconds on a GPU and tens of seconds on a CPU; with the cache a
-rerun of the same shapes (a resumed job, the next config of a sweep, ``hfjax eval`` on a new
-adapter) loads the executable from disk instead. The commands turn it on unless told not to::
+Compiling a fused step takes seconds to minutes (CPU figures: docs/performance.md §6); with
+the cache a rerun of the same shapes (a resumed job, the next config of a sweep, ``hfjax eval``
+on a new adapter) loads the executable from disk instead. The commands turn it on unless told not to::
 
     HFJAX_COMPILATION_CACHE=DIR    # cache here
     HFJAX_COMPILATION_CACHE=off    # no persistent cache

@@ -6,7 +6,8 @@ and places it on device — straight into its sharding when a mesh is given (eac
 receives only its slice, via `jax.make_array_from_callback`). Host memory therefore holds at
 most one tensor beyond what has already been placed; the full model never exists twice.
 Tensors are read largest first and glibc's heap is trimmed once every `_TRIM_EVERY` bytes read,
-so the peak RSS that loading adds is ~1.01x the parameters (`hfjax bench` measures it).
+so loading adds little beyond the parameters themselves (docs/performance.md §4.5;
+`hfjax bench` measures it).
 
 Multi-host (a mesh spanning several processes), each process reads only the bytes of its
 own shards (`bridge`'s ``get_slice``: one positioned read per contiguous run), never the
@@ -135,8 +136,8 @@ def from_pretrained(path: str | Path, dtype: Any = None, *, mesh: Mesh | None = 
             set_path(params, spec.ours, None)  # the tree's layout follows the table
         # Largest tensors first: the transient host copies (read buffer, cast, transpose)
         # are biggest while little is resident yet, and near the end only small ones remain.
-        # With glibc's heap trimmed as it goes, peak RSS ends up ~1.01x the parameters added
-        # (vs 1.18x in table order; measured on a 2.4 GB bf16 checkpoint).
+        # With glibc's heap trimmed as it goes, this keeps the peak RSS near the parameters
+        # added (docs/performance.md §4.5).
         if stacked:
             return Decoder(config=cfg, params=_load_stacked(reader, table, cfg, dtype, mesh,
                                                             rules), path=str(path))
@@ -208,10 +209,10 @@ def _trim_host_heap() -> None:
 
 
 _MALLOC_TRIM: Any = None
-# malloc_trim walks the whole heap (~25 ms per call in a 2.5 GB process), so trimming after
-# every small tensor made repeated loads of small models 2.7x slower (demo eval stage 23 ->
-# 62 s). Big checkpoints still trim after every large tensor; at most this many bytes of
-# freed host copies wait for the next trim.
+# malloc_trim walks the whole heap, so trimming after every small tensor made repeated
+# loads of small models much slower (docs/performance.md §4.5). Big checkpoints still trim
+# after every large tensor; at most this many bytes of freed host copies wait for the
+# next trim.
 _TRIM_EVERY = 64 * 2**20
 
 

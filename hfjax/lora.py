@@ -38,9 +38,8 @@ def lora_up(xa: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     ``∂B = scale · (Σ_tokens dy ⊗ xa)`` is computed as ``(xaᵀ dy)ᵀ``: the token axis is
     contracted with the small ``(tokens, r)`` operand transposed, never the big
     ``(tokens, d_out)`` cotangent. Left to autodiff, XLA:CPU materialises ``dyᵀ`` with a
-    strided copy per patched module (≈5 ms each for a 256 x 1024 MLP projection here, a
-    third of the fused LM step's time); this form runs the same step ~2.3x faster in
-    isolation and gives the same values.
+    strided copy per patched module; this form avoids it and gives the same values
+    (measured: docs/performance.md §4.4).
     """
     return (xa @ b.T) * scale
 

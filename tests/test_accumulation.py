@@ -1,4 +1,5 @@
-"""Accumulation windows (SPEC §7): the original's per-epoch windows and the continuous ones."""
+"""Accumulation windows (docs/algorithm.md §7): the original's per-epoch windows and the continuous
+ones."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def spans(ws):
 
 
 def test_original_windows_of_the_worked_example():
-    ws = windows(10, 4, 3, "original")  # SPEC §7: 6 updates, T = 7, e2[8..9] dropped
+    ws = windows(10, 4, 3, "original")  # docs/algorithm.md §7: 6 updates, T = 7, e2[8..9] dropped
     assert len(ws) == 6 and schedule_steps(10, 4, 3, "original") == 7
     e = lambda ep, a, b: [(ep, i) for i in range(a, b)]  # noqa: E731
     assert spans(ws) == [e(0, 0, 4), e(0, 4, 8), e(0, 8, 10) + e(1, 0, 4), e(1, 4, 8),

@@ -23,7 +23,7 @@ EXAMPLE_YAML = REPO / "configs" / "original_example.yaml"
 RUN_SWEEP = REPO / "scripts" / "run_sweep.py"
 PATH_VARS = ("MODEL_ROOT", "ADAPTER_ROOT", "DATA_ROOT", "OUTPUT_ROOT")
 
-# SPEC §9's shared training block (+ the defaults SPEC §3-§7 fix).
+# docs/algorithm.md §9's shared training block (+ the defaults docs/algorithm.md §3-§7 fix).
 SHARED_BLOCK = {
     "fusion.embed_dim": 1024,
     "fusion.num_heads": 8,

@@ -83,7 +83,7 @@ def toks():
 USER = 'Please tell me.Output format is "type1: word1". \nOption: a, b \nText: x y \nAnswer:\nx y'
 OUTPUT = " genre: scary; year: 1960 s"
 
-SPEC_TEXT = {  # SPEC §8, byte for byte
+SPEC_TEXT = {  # docs/algorithm.md §8, byte for byte
     "llama3": (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + USER
         + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",

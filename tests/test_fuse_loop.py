@@ -89,8 +89,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(zoo, tmp_path, monkeypa
 
 
 def test_no_update_when_an_epoch_is_shorter_than_accum(zoo, tmp_path):
-    """Original windows (SPEC §7): fewer micro-batches per epoch than accum -> no update, and
-    the export is the target unchanged (ΔB is zero at init)."""
+    """Original windows (docs/algorithm.md §7): fewer micro-batches per epoch than accum -> no
+    update, and the export is the target unchanged (ΔB is zero at init)."""
     from bridge import load_adapter
 
     cfg = tiny_fuse_config(zoo, tmp_path)

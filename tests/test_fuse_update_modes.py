@@ -1,4 +1,5 @@
-"""The later release's ``update_mode`` (SPEC §11): ΔA from the A^T tokens, A' = A + α·ΔA.
+"""The later release's ``update_mode`` (docs/algorithm.md §11): ΔA from the A^T tokens, A' = A +
+α·ΔA.
 
 Network level on synthetic adapters (what each mode decodes, un-blocking, b_only unchanged),
 then end to end on the tiny zoo: the exported adapter with patched A loads in ``PeftModel``

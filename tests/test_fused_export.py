@@ -1,5 +1,5 @@
-"""Export dtype of the fused modules (SPEC §7, Export): float32 as the original by default,
-the target's own dtype on request; untouched modules keep theirs."""
+"""Export dtype of the fused modules (docs/algorithm.md §7, Export): float32 as the original by
+default, the target's own dtype on request; untouched modules keep theirs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Block contexts (SPEC §3): padding, row-major tokens, SVD descriptors, bucket stacking."""
+"""Block contexts (docs/algorithm.md §3): padding, row-major tokens, SVD descriptors, bucket
+stacking."""
 
 from __future__ import annotations
 

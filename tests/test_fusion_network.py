@@ -1,4 +1,5 @@
-"""Transfer network (SPEC §4) and fused update (SPEC §5): init, shapes, gradients, axes."""
+"""Transfer network (docs/algorithm.md §4) and fused update (docs/algorithm.md §5): init, shapes,
+gradients, axes."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_param_tree_and_init(setup):
 
 
 def test_paper_scale_parameter_count():
-    n = net_param_count(4096, 8, 1024, 8, 4096)  # SPEC §4: ≈110M per net, ≈773M for 7
+    n = net_param_count(4096, 8, 1024, 8, 4096)  # docs/algorithm.md §4: ≈110M per net, ≈773M for 7
     assert 109e6 < n < 111e6 and 770e6 < 7 * n < 776e6
 
 

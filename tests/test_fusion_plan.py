@@ -1,4 +1,5 @@
-"""Topology plans (SPEC §2): layer maps, suffix matching, groups, buckets, errors, reports."""
+"""Topology plans (docs/algorithm.md §2): layer maps, suffix matching, groups, buckets, errors,
+reports."""
 
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def test_plan_is_a_valid_static_jit_argument():
     assert int(f(1, plan)) == 8
 
 
-# (L_t, L_s, ratio, alignment) -> pairs, worked by hand from SPEC §11:
+# (L_t, L_s, ratio, alignment) -> pairs, worked by hand from docs/algorithm.md §11:
 # overlap = min(L_t, L_s), keep = min(overlap, max(1, int(overlap * ratio))).
 HAND_MAPS = [
     # tail: the first release's map, last `keep` of the overlap.

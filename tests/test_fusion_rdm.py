@@ -1,4 +1,5 @@
-"""RDM regulariser (SPEC §6): host rank matching == XLA sort (value and gradient), torch parity,
+"""RDM regulariser (docs/algorithm.md §6): host rank matching == XLA sort (value and gradient),
+torch parity,
 key handling."""
 
 from __future__ import annotations

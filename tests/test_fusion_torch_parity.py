@@ -192,8 +192,8 @@ def test_end_to_end_delta_B_matches_original_unblocking(net_and_fn):
 
 @pytest.mark.parametrize("mode", ["a_only", "ab_joint"])
 def test_end_to_end_delta_A_matches_original_unblocking(net_and_fn, mode):
-    """update_mode (SPEC §11): the torch module's A^T-token outputs, un-blocked and transposed
-    as the later release does, vs predict_deltas' ΔA (and ΔB under ab_joint)."""
+    """update_mode (docs/algorithm.md §11): the torch module's A^T-token outputs, un-blocked and
+    transposed as the later release does, vs predict_deltas' ΔA (and ΔB under ab_joint)."""
     net, fn = net_and_fn
     t = random_adapter(3, 20, 24, R, modules=("q_proj",), seed=0)  # d_in 20: 2 A^T tokens
     s = random_adapter(3, 36, 18, R, modules=("q_proj",), seed=1)

@@ -117,7 +117,7 @@ def test_paper_setting_plan():
     n_base = sum(int(np.prod(s)) for s in _llama_shapes(mc))
     assert one["bytes"]["base"] == 2 * n_base  # bf16
     assert 8.0e9 < n_base < 8.1e9
-    assert abs(one["network_params"] / 773e6 - 1) < 0.01  # SPEC §4: ~773M for 7 groups
+    assert abs(one["network_params"] / 773e6 - 1) < 0.01  # docs/algorithm.md §4: ~773M for 7 groups
     assert one["bytes"]["networks"] == 4 * one["network_params"] + 0
     assert one["bytes"]["adamw"] == 2 * (one["bytes"]["networks"] + one["bytes"]["alphas"]) + 8
     assert one["bytes"]["base"] / eight["bytes"]["base"] > 7.9

@@ -1,7 +1,7 @@
 """A whole training run against a PyTorch reference of the original trainer's step.
 
-The reference (written from SPEC §6-§7, not from the release's code) runs, per micro-batch:
-the transfer networks (``torch_reference.HeteroFusionTransferNet``), the dynamic patch
+The reference (written from docs/algorithm.md §6-§7, not from the release's code) runs, per
+micro-batch: the transfer networks (``torch_reference.HeteroFusionTransferNet``), the dynamic patch
 ``B_t + α·ΔB`` through a PEFT model of a tiny transformers Llama (``torch.func.functional_call``
 on the ``lora_B`` weights), ``(LM + λ·avg_rdm) / accum``, backward; the optimizer steps when
 ``(i + 1) % accum == 0`` with the counter ``i`` restarting every epoch and the gradients never
@@ -12,8 +12,8 @@ hfjax runs the same initial weights and batches through `hfjax.training.accumula
 `fuse_loop.stack_window` and the jitted `fuse_step`. The RDM's random draws are made in JAX
 with hfjax's keys and handed to torch, so both sides see the same samples and directions.
 Setting: 3 target layers, q_proj and v_proj; q_proj's group has two shape buckets (2 + 1
-modules: the module mean of SPEC §6), v_proj's one of 3 (pooled z). 3 micro-batches per epoch,
-accum 2, 3 epochs: updates over e0[0,1], e0[2]+e1[0,1], e1[2]+e2[0,1]; e2[2] dropped.
+modules: the module mean of docs/algorithm.md §6), v_proj's one of 3 (pooled z). 3 micro-batches
+per epoch, accum 2, 3 epochs: updates over e0[0,1], e0[2]+e1[0,1], e1[2]+e2[0,1]; e2[2] dropped.
 Adam's eps is 1.0 here so that its first steps are not sign(g) (which would turn rounding
 noise in near-zero gradients into ±lr steps); the update rule is the same.
 """
@@ -98,7 +98,7 @@ def micro_key(rdm_key, update: int, i: int):
 
 
 def torch_avg_rdm(z: dict, plan, key) -> torch.Tensor:
-    """SPEC §6 per group (pooled for one bucket, module mean otherwise), JAX draws."""
+    """docs/algorithm.md §6 per group (pooled for one bucket, module mean otherwise), JAX draws."""
     def L(x, k):
         y, P = rdm_draws(k, int(np.prod(x.shape[:-1])), E, num_projections=K)
         return torch_rdm(x, torch.from_numpy(np.array(y)), torch.from_numpy(np.array(P)))

@@ -289,7 +289,7 @@ def _ratio_value(x: Any) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
-    """How the topology plan cuts and aligns the adapters (SPEC §2)."""
+    """How the topology plan cuts and aligns the adapters (docs/algorithm.md §2)."""
 
     block_size: int = 4096  # rows per block token
     transfer_ratio: float | str = 1.0  # as written: a number or "a/b"; `.ratio` is the float
@@ -326,7 +326,7 @@ def parse_transfer_ratio(value: Any) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class TransferNetConfig:
-    """The transfer network's shape and gate (SPEC §3-§5), one network per group."""
+    """The transfer network's shape and gate (docs/algorithm.md §3-§5), one network per group."""
 
     embed_dim: int = 1024  # width E
     num_heads: int = 8  # attention heads (divide E)
@@ -360,7 +360,7 @@ class TransferNetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RDMConfig:
-    """The RDM regulariser (SPEC §6)."""
+    """The RDM regulariser (docs/algorithm.md §6)."""
 
     lambda_reg: float = 0.005  # weight of the RDM term
     mu_target: float = 0.0  # mean of the Gaussian reference
@@ -392,7 +392,8 @@ class RDMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW + linear warmup + cosine decay (SPEC §7); `build` makes the optax optimizer."""
+    """AdamW + linear warmup + cosine decay (docs/algorithm.md §7); `build` makes the optax
+    optimizer."""
 
     lr: float  # peak learning rate
     warmup_ratio: float = 0.05  # warmup steps = int(warmup_ratio * total steps)

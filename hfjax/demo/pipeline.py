@@ -27,9 +27,9 @@ reruns, and so does everything after it. An interrupted stage resumes at its fir
 unfinished unit (a base model, an expert, a fusion variant, an evaluation).
 
 ``fast=True`` shrinks every size (4 tasks, fewer steps, shorter answers) so the whole job
-takes a minute or two; every stage still runs for real. The default sizes finish in about
-7 minutes on a 2-core CPU (measured while other jobs shared the cores; see the report's
-time table, which records each stage's wall and CPU time and the load average).
+takes a minute or two; every stage still runs for real. The default sizes take a few
+minutes on a 2-core CPU (docs/performance.md §8; the report's time table records each
+stage's wall and CPU time and the load average).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""fusion: adapters in, ΔB out (SPEC §2-6).
+"""fusion: adapters in, ΔB out (docs/algorithm.md §2-6).
 
 The pipeline, as the training loop uses it::
 

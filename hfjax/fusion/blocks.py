@@ -1,4 +1,4 @@
-"""Block contexts: the tokens a transfer network reads (SPEC §3).
+"""Block contexts: the tokens a transfer network reads (docs/algorithm.md §3).
 
 A LoRA factor seen as ``rows x r`` (``A^T`` is ``d_in x r``, ``B`` is ``d_out x r``) is cut
 into ``block_size``-row blocks (the last one zero-padded); each block, flattened row-major,
@@ -52,8 +52,8 @@ def to_blocks(T: np.ndarray, block_size: int) -> np.ndarray:
 def svd_descriptor(blocks: np.ndarray, block_size: int, rank: int) -> np.ndarray:
     """Singular values of each raw ``block_size x rank`` block: ``(n, bs*r)`` -> ``(n, r)``.
 
-    Computed in float64 and rounded to float32, descending, unnormalised (SPEC §3). Blocks
-    whose singular values are fewer than ``rank`` (``block_size < rank``) are zero-filled.
+    Computed in float64 and rounded to float32, descending, unnormalised (docs/algorithm.md §3).
+    Blocks whose singular values are fewer than ``rank`` (``block_size < rank``) are zero-filled.
     """
     b = np.asarray(blocks, dtype=np.float64).reshape(-1, block_size, rank)
     s = np.linalg.svd(b, compute_uv=False)  # (n, min(bs, r)), descending

@@ -2,7 +2,7 @@
 
 A fused adapter that beats its target may owe the gain to the replay data alone. A control
 run trains the same networks on the same replay set with the *source* side of every block
-context (SPEC §3) replaced, so that "fused vs control" tells whether fusion transferred
+context (docs/algorithm.md §3) replaced, so that "fused vs control" tells whether fusion transferred
 anything. Every control keeps shapes, buckets and the plan; target tokens are never touched.
 
 - ``"zero"``: every source token and descriptor is zero (the old ``fusion.zero_sources``).

@@ -1,4 +1,4 @@
-"""The transfer network (SPEC §4) and the fused update (SPEC §5).
+"""The transfer network (docs/algorithm.md §4) and the fused update (docs/algorithm.md §5).
 
 One :class:`TransferNet` per group reads a bucket of modules' block contexts and predicts a
 correction ``ΔB`` for each target ``B``. Worked example (``block_size = 16``, ``r = 4``,
@@ -15,7 +15,7 @@ correction ``ΔB`` for each target ``B``. Worked example (``block_size = 16``, `
 
 The math is the original ``HeteroFusionTransferNet`` (``torch_compat.reference_forward`` is
 a line-by-line port of it); this module computes the same numbers faster with three exact
-rewrites (PERF_NOTES tricks 2-4):
+rewrites (docs/performance.md tricks 2-4):
 
 - **One encoder call** on target and source tokens concatenated (they share weights and
   every encoder op is per token).
@@ -24,13 +24,13 @@ rewrites (PERF_NOTES tricks 2-4):
   ``[W_row, P W_col]`` are concatenated (inside ``__call__``; the parameters stay the
   original ``proj_row`` / ``proj_col``) and multiplied once. The alternative
   ``col_view="input"`` transposes the tokens (small) instead of the kernel (big) and runs
-  two GEMMs; ``"auto"`` picks per backend (``COL_VIEW_AUTO``: "input" on CPU, where
-  the per-step kernel copies measured slower).
+  two GEMMs; ``"auto"`` picks per backend (``COL_VIEW_AUTO``: "input" on CPU, see
+  docs/performance.md §4.1).
 - **Only B tokens query.** Target tokens never attend to each other, and the decoder
   outputs of the ``A^T`` tokens are discarded, so queries and decoder run on ``[n_a:]``
   only; their positions stay ``n_a .. n_t - 1``. The later release's ``update_mode``
-  (SPEC §11, a static choice) decodes the ``A^T`` tokens ``[0:n_a]`` instead (``a_only``)
-  or every target token (``ab_joint``); ``b_only`` does exactly the work above.
+  (docs/algorithm.md §11, a static choice) decodes the ``A^T`` tokens ``[0:n_a]`` instead
+  (``a_only``) or every target token (``ab_joint``); ``b_only`` does exactly the work above.
 
 Parameter tree of one network (flax names; torch names in ``torch_compat``)::
 
@@ -68,10 +68,8 @@ _zeros = nn.initializers.zeros
 _ones = nn.initializers.ones
 LN_EPS = 1e-5
 COL_VIEWS = ("auto", "kernel", "input")
-# col_view="auto" per backend. On this project's 2-core CPU (XLA 0.10) building the
-# concatenated kernel costs two weight-sized copies per step (forward concat, backward split)
-# and measured 0-15% slower than transposing the tokens; on accelerators the copy is cheap and
-# one wider GEMM is the better shape.
+# col_view="auto" per backend: on CPU the concatenated kernel's per-step copies cost more
+# than one wider GEMM saves (docs/performance.md §4.1); elsewhere one GEMM is better.
 COL_VIEW_AUTO = {"cpu": "input"}
 
 
@@ -126,7 +124,8 @@ class _Kernel(nn.Module):
 
 
 class _Encoder(nn.Module):
-    """``ConflictAwareBlockEncoder`` (SPEC §4): ``(..., bs*r)`` + ``(..., r)`` -> ``(..., E)``."""
+    """``ConflictAwareBlockEncoder`` (docs/algorithm.md §4): ``(..., bs*r)`` + ``(..., r)`` ->
+    ``(..., E)``."""
 
     block_size: int
     rank: int
@@ -232,8 +231,8 @@ class TransferNet(nn.Module):
             n_a: (static) number of ``A^T`` tokens at the front of ``tgt``.
             update_mode: (static) which target tokens query and get decoded: ``"b_only"``
                 the B tokens ``[n_a, n_t)``, ``"a_only"`` the ``A^T`` tokens ``[0, n_a)``,
-                ``"ab_joint"`` all ``n_t`` (SPEC §11). Each token's output is the same in
-                every mode (queries are independent); only the work differs.
+                ``"ab_joint"`` all ``n_t`` (docs/algorithm.md §11). Each token's output is the same
+                in every mode (queries are independent); only the work differs.
 
         Returns:
             ``delta (M, n_q, bs*r)``, ``attn (M, n_q, n_s)``, ``z_t (M, n_t, E)``,
@@ -382,7 +381,7 @@ def predict_deltas(
     stack_groups: bool = True,
 ) -> tuple[dict[str, Array], dict[str, Array], dict[str, list[dict[str, Array]]]]:
     """Run every group's network on its buckets and un-block what ``plan.update_mode``
-    patches (SPEC §4, §11).
+    patches (docs/algorithm.md §4, §11).
 
     The decoded rows of one module are un-blocked like the original: B from the B tokens,
     ``ΔB = delta_B_rows.reshape(-1, r)[:d_out]``; A from the ``A^T`` tokens,
@@ -484,7 +483,8 @@ def fused_B(
     alpha: Mapping[str, Array],
     plan: FusionPlan,
 ) -> dict[str, Array]:
-    """``B_t + alpha_g * ΔB`` (float32) for every fused module (SPEC §5); pure and differentiable.
+    """``B_t + alpha_g * ΔB`` (float32) for every fused module (docs/algorithm.md §5); pure and
+    differentiable.
 
     Modules the plan leaves unfused are not in the result: use the target's B for them.
     """
@@ -502,7 +502,8 @@ def fused_A(
     alpha: Mapping[str, Array],
     plan: FusionPlan,
 ) -> dict[str, Array]:
-    """``A_t + alpha_g * ΔA`` (float32) for every fused module (SPEC §11: a_only / ab_joint);
+    """``A_t + alpha_g * ΔA`` (float32) for every fused module (docs/algorithm.md §11: a_only /
+    ab_joint);
     the same alpha as B's. Pure and differentiable; unfused modules are not in the result."""
     out = {}
     for g in plan.groups:
@@ -520,7 +521,7 @@ def param_count(params: Any) -> int:
 @functools.cache
 def net_param_count(block_size: int, rank: int, embed_dim: int, num_heads: int = 8,
                     max_pos: int = 4096, gate: str = "svd") -> int:
-    """Parameters of one network, analytically (no allocation): SPEC §4 quotes ≈110M at
+    """Parameters of one network, analytically (no allocation): docs/algorithm.md §4 quotes ≈110M at
     block 4096, r 8, E 1024."""
     F, E = block_size * rank, embed_dim
     n = 2 * F  # input_norm

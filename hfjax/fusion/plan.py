@@ -1,7 +1,7 @@
 """Topology alignment: which target LoRA modules receive knowledge from which source modules.
 
-This is SPEC §2, done once before any training, from adapter *shapes and names* only (no
-array is read). The result, a :class:`FusionPlan`, fixes every token position the transfer
+This is docs/algorithm.md §2, done once before any training, from adapter *shapes and names* only
+(no array is read). The result, a :class:`FusionPlan`, fixes every token position the transfer
 networks will see, so everything in it is deterministic.
 
 Worked example (Llama target with 32 layers, one Qwen source with 28, q/v LoRA, r = 8,
@@ -21,7 +21,7 @@ Terms:
 
 - **token**: one ``block_size x r`` block of a LoRA factor (``A^T`` or ``B``), zero-padded;
   ``n_a = ceil(d_in / block_size)``, ``n_b = ceil(d_out / block_size)``.
-- **group**: ``(module_type, rank)``, one transfer network and one alpha each (SPEC §2,
+- **group**: ``(module_type, rank)``, one transfer network and one alpha each (docs/algorithm.md §2,
   [code≠paper]: one group per projection name).
 - **bucket**: the modules of a group whose token counts ``(n_a, n_b, n_s)`` agree, so that
   they can be stacked into one batch (e.g. target layers reached by fewer sources form their
@@ -112,7 +112,7 @@ class Group:
 
 @dataclasses.dataclass(frozen=True)
 class FusionPlan:
-    """Everything fusion needs to know about the adapters' topology (SPEC §2, §3).
+    """Everything fusion needs to know about the adapters' topology (docs/algorithm.md §2, §3).
 
     Hashable (``layer_maps`` is hashed by its items), so it can be a static argument of
     ``jax.jit``.
@@ -129,9 +129,10 @@ class FusionPlan:
         matches: one row per source module: the target module it feeds, or why none
             (`hfjax.fusion.matches`).
         full_layer_maps: per source, the same alignment before ``transfer_ratio``.
-        layer_alignment: how layers were paired (``LAYER_ALIGNMENTS``; SPEC §11).
+        layer_alignment: how layers were paired (``LAYER_ALIGNMENTS``; docs/algorithm.md §11).
         update_mode: which target factors the networks patch: ``"b_only"`` (B' = B + α·ΔB,
-            the method), ``"a_only"`` (A' = A + α·ΔA) or ``"ab_joint"`` (both; SPEC §11).
+            the method), ``"a_only"`` (A' = A + α·ΔA) or ``"ab_joint"`` (both; docs/algorithm.md
+            §11).
             It fixes which target tokens are decoded, so it is part of the static plan.
     """
 
@@ -159,12 +160,12 @@ class FusionPlan:
 
     @property
     def patches_A(self) -> bool:
-        """Whether the networks' outputs on the ``A^T`` tokens patch A (SPEC §11)."""
+        """Whether the networks' outputs on the ``A^T`` tokens patch A (docs/algorithm.md §11)."""
         return self.update_mode in ("a_only", "ab_joint")
 
     @property
     def patches_B(self) -> bool:
-        """Whether the networks' outputs on the ``B`` tokens patch B (SPEC §5)."""
+        """Whether the networks' outputs on the ``B`` tokens patch B (docs/algorithm.md §5)."""
         return self.update_mode in ("b_only", "ab_joint")
 
     @property
@@ -314,7 +315,7 @@ _UPDATE_TEXT = {
 
 def layer_pairs(l_t: int, l_s: int, ratio: float, alignment: str = "tail"
                 ) -> list[tuple[int, int]]:
-    """``(target layer, source layer)`` pairs of one source, ascending (SPEC §2, §11).
+    """``(target layer, source layer)`` pairs of one source, ascending (docs/algorithm.md §2, §11).
 
     With ``overlap = min(L_t, L_s)`` and ``keep = min(overlap, max(1, int(overlap * ratio)))``:
     ``tail`` keeps the last ``keep`` of ``(L_t - overlap + i, L_s - overlap + i)`` (the first
@@ -360,7 +361,7 @@ def build_plan(
     layer_alignment: str = "tail",
     update_mode: str = "b_only",
 ) -> FusionPlan:
-    """Align ``sources`` to ``target`` (SPEC §2) and group the fusable modules.
+    """Align ``sources`` to ``target`` (docs/algorithm.md §2) and group the fusable modules.
 
     Args:
         target: the target LoRA adapter (its B's get updated).
@@ -371,8 +372,8 @@ def build_plan(
             under tail alignment; ``layer_alignment``; ``update_mode``). Without it, the
             keywords below make one.
         source_names: display names; default: each adapter's path, else ``source{k}``.
-        layer_alignment: how target and source layers pair (`layer_pairs`; SPEC §11).
-        update_mode: which target factors get patched (``UPDATE_MODES``; SPEC §11).
+        layer_alignment: how target and source layers pair (`layer_pairs`; docs/algorithm.md §11).
+        update_mode: which target factors get patched (``UPDATE_MODES``; docs/algorithm.md §11).
 
     Raises:
         FusionError: no sources, a source module whose rank differs from the target's, or

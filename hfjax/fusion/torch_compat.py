@@ -1,4 +1,4 @@
-"""Parity with the original PyTorch ``HeteroFusionTransferNet`` (SPEC §4).
+"""Parity with the original PyTorch ``HeteroFusionTransferNet`` (docs/algorithm.md §4).
 
 Two things live here:
 

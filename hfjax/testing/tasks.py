@@ -7,7 +7,8 @@ from built-in vocabularies so the demo and the tests need no
 downloads.
 
 Records are Alpaca dicts ``{"instruction", "input", "output", "history": []}`` in the style of
-the replay data (SPEC §8): ``instruction`` holds a task prompt, ``Option: ...`` (the label
+the replay data (docs/algorithm.md §8): ``instruction`` holds a task prompt, ``Option: ...`` (the
+label
 set), ``Text: ...`` (the input again) and ends with ``\\nAnswer:``; ``output`` starts with a space
 and is ``type: span; type: span`` (NER, entity typing) or ``relation: head, tail; ...``
 (relation extraction). Every span occurs verbatim in ``input``.
@@ -600,7 +601,7 @@ def write_task_files(
 
 
 def format_example(record: Mapping[str, Any]) -> str:
-    """Plain-text rendering of a record: user message (SPEC §8) + newline + output."""
+    """Plain-text rendering of a record: user message (docs/algorithm.md §8) + newline + output."""
     return f"{record['instruction']}\n{record['input']}\n{record['output']}"
 
 

@@ -13,8 +13,8 @@ way the real family registers them:
 - ``mistral``: bos ``<s>``, eos ``</s>``, pad and unk ``<unk>``; GPT-2 byte-level regex.
 
 Choices: llama's eos is ``<|eot_id|>`` (not ``<|end_of_text|>``) because the ``llama3`` chat
-template of SPEC §8 ends every assistant turn with ``<|eot_id|>``, and LlamaFactory likewise
-replaces the eos by the template's stop word; generation must stop there. Pad is always a
+template of docs/algorithm.md §8 ends every assistant turn with ``<|eot_id|>``, and LlamaFactory
+likewise replaces the eos by the template's stop word; generation must stop there. Pad is always a
 token distinct from eos, so masking pad positions never masks the eos target. Calling the
 tokenizer with ``add_special_tokens=True`` prepends bos for llama and mistral (like the real
 tokenizers) and nothing for qwen2; ``add_special_tokens=False`` adds nothing for any family.
@@ -27,8 +27,8 @@ When loaded next to a ``model_type: qwen2`` config.json, ``AutoTokenizer`` retur
 ``Qwen2Tokenizer`` (same ids; its ``unk_token`` then defaults to ``<|endoftext|>``).
 Byte-level BPE never produces unk, so any text round-trips: ``decode(encode(x)) == x``.
 
-Each tokenizer also carries a ``chat_template`` (Jinja) that renders the SPEC §8 templates
-(``llama3``, ``qwen``, ``mistral``); the training code's own template implementation is
+Each tokenizer also carries a ``chat_template`` (Jinja) that renders the docs/algorithm.md §8
+templates (``llama3``, ``qwen``, ``mistral``); the training code's own template implementation is
 authoritative, this is a convenience for ``apply_chat_template``.
 """
 
@@ -103,7 +103,7 @@ _SPECIALS_FIRST: dict[str, bool] = {"llama": False, "qwen2": False, "mistral": T
 #: Suggested vocabulary sizes: different per family so the families are truly heterogeneous.
 DEFAULT_VOCAB_SIZES: dict[str, int] = {"llama": 1024, "qwen2": 1280, "mistral": 768}
 
-#: Jinja chat templates rendering SPEC §8's llama3 / qwen / mistral formats.
+#: Jinja chat templates rendering docs/algorithm.md §8's llama3 / qwen / mistral formats.
 FAMILY_CHAT_TEMPLATES: dict[str, str] = {
     "llama": (
         "{{ bos_token }}{% for message in messages %}"

@@ -1,4 +1,5 @@
-"""A PyTorch model of the original HeteroFusion transfer network and RDM, written from SPEC §4
+"""A PyTorch model of the original HeteroFusion transfer network and RDM, written from
+docs/algorithm.md §4
 and §6: the reference the JAX port is checked against (parity tests, ``hfjax bench``).
 
 The module layout (and so the ``state_dict`` keys) is the original's::
@@ -99,7 +100,8 @@ class HeteroFusionTransferNet(nn.Module):
 
 
 def rdm_from_draws(z: torch.Tensor, y: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """SPEC §6 with given draws: ``y`` the rectified sample, ``directions`` unit columns."""
+    """docs/algorithm.md §6 with given draws: ``y`` the rectified sample, ``directions`` unit
+    columns."""
     zr = F.relu(z.reshape(-1, z.shape[-1]))
     zs, _ = torch.sort(zr @ directions, dim=0)
     ys, _ = torch.sort(y @ directions, dim=0)
@@ -108,7 +110,7 @@ def rdm_from_draws(z: torch.Tensor, y: torch.Tensor, directions: torch.Tensor) -
 
 def compute_rdm_reg(z: torch.Tensor, mu_target: float = 0.0, sigma: float = 1.0,
                     num_projections: int = 2048) -> torch.Tensor:
-    """SPEC §6 drawing its own sample and directions."""
+    """docs/algorithm.md §6 drawing its own sample and directions."""
     n, d = z.reshape(-1, z.shape[-1]).shape
     y = F.relu(torch.randn(n, d) * sigma + mu_target)
     directions = F.normalize(torch.randn(d, num_projections), p=2, dim=0)

@@ -5,8 +5,8 @@ micro-batches ``(epoch, batch index)`` it sums and the factor each micro-batch l
 multiplied by. Both modes take micro-batches in stream order (epoch by epoch), so a window is
 also a range ``[start, stop)`` of global indices ``epoch · n_batches + index``.
 
-``"original"`` (the first release, SPEC §7): the counter restarts every epoch, the optimizer
-steps when ``(i + 1) % accum == 0``, gradients are not zeroed at an epoch boundary (the
+``"original"`` (the first release, docs/algorithm.md §7): the counter restarts every epoch, the
+optimizer steps when ``(i + 1) % accum == 0``, gradients are not zeroed at an epoch boundary (the
 leftover rolls into the next epoch's first update), each loss is divided by ``accum``, the
 last leftover is dropped. ``"continuous"``: ``T = max(1, n_batches·epochs // accum)``
 consecutive windows of ``accum`` of the concatenated stream, each loss divided by the number

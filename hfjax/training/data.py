@@ -1,6 +1,6 @@
 """Replay data: Alpaca JSON files -> masked token ids -> bucketed, shuffled numpy batches.
 
-Pipeline (SPEC §7-8)::
+Pipeline (docs/algorithm.md §7-8)::
 
     records  = load_alpaca(resolve_dataset("mit-movie_sample300", data_root))
     examples = encode_dataset(records, tokenizer, "llama3", cutoff_len=1024, name="mit-movie")

@@ -12,7 +12,7 @@ windows (a window that holds more than ``accum`` micro-batches sums to more than
 
 The transfer networks' parameters change only at an update and their inputs (the block
 contexts) are constant, so ΔB and z are identical for every micro-batch of a window. We
-therefore run the networks ONCE per step (PERF_NOTES trick 5), keep their VJP, sum the LM
+therefore run the networks ONCE per step (docs/performance.md trick 5), keep their VJP, sum the LM
 gradients with respect to the patched B matrices (and A matrices, under the later release's
 ``update_mode`` a_only / ab_joint) over the micro-batches (a `lax.scan`), draw a
 fresh RDM sample per micro-batch on the same z, and backpropagate through the networks once.

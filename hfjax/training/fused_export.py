@@ -1,8 +1,8 @@
 """The fused adapter to export: which dtype the fused modules' factors are written in.
 
 The first release casts the fused modules' A and B to float32 when it groups them and saves
-them so, whatever the target adapter's dtype (SPEC §7, Export). hfjax does the same by default
-(``export_dtype="float32"``); ``"target"`` keeps each tensor's stored dtype instead, which
+them so, whatever the target adapter's dtype (docs/algorithm.md §7, Export). hfjax does the same by
+default (``export_dtype="float32"``); ``"target"`` keeps each tensor's stored dtype instead, which
 rounds ``B + α·ΔB`` to it (a bfloat16 target then loses most of a small ``α·ΔB``). Modules
 that are not fused keep their tensors (and dtype) untouched either way. Example::
 

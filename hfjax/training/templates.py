@@ -34,7 +34,7 @@ the tokenizer's EOS (mistral), which is what ``replace_eos`` produces in LlamaFa
 
 Later LlamaFactory releases (0.9.2+) changed two of these: qwen's assistant turn became
 ``{output}<|im_end|>\\n`` (a supervised trailing newline) and mistral's became
-``[INST] {U}[/INST]`` + `` {output}</s>``. This module follows the project SPEC (§8), which matches
+``[INST] {U}[/INST]`` + `` {output}</s>``. This module follows docs/algorithm.md §8, which matches
 the version the original ships.
 
 Example (shapes only)::
