@@ -2,7 +2,8 @@
 
 Compiling a fused step takes seconds to minutes (CPU figures: docs/performance.md §6); with
 the cache a rerun of the same shapes (a resumed job, the next config of a sweep, ``hfjax eval``
-on a new adapter) loads the executable from disk instead. The commands turn it on unless told not to::
+on a new adapter) loads the executable from disk instead. The commands turn it on unless told
+not to::
 
     HFJAX_COMPILATION_CACHE=DIR    # cache here
     HFJAX_COMPILATION_CACHE=off    # no persistent cache
