@@ -169,9 +169,8 @@ def test_planner_models_the_backend():
     cfg = _tiny_cfg()
     cfg.train.base_dtype = "bfloat16"
     mc = ModelConfig(**TINY)
-    from hfjax.demo.zoo import random_lora
-
     from hfjax.fusion import build_plan
+    from hfjax.testing.models import random_lora
 
     target = random_lora(mc, r=4, seed=0, target_modules=("q_proj",))
     plan = build_plan(target, [random_lora(ModelConfig(**SOURCE), r=4, seed=1,

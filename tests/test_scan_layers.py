@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hfjax.demo.zoo import random_lora
 
 from hfjax.bench_aot import count_kernels
 from hfjax.loading import init_params
@@ -21,6 +20,7 @@ from hfjax.models.decoder import (
     stack_layers,
     unstack_layers,
 )
+from hfjax.testing.models import random_lora
 
 TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8)

@@ -289,7 +289,7 @@ def load_done(st: _Study, unit: Unit) -> dict[str, Any] | None:
 def _setup(fuse_cfg: Any, eval_data: Mapping[str, str], out_dir: str | Path,
            opts: EvalOptions, merge_weight: float, density: float) -> _Study:
     from bridge import load_adapter
-    from hfjax.training.fuse_loop import source_specs
+    from hfjax.config.sources import source_entries
 
     if not eval_data:
         raise StudyError("eval_data: no test files given (task=file)")
@@ -297,7 +297,7 @@ def _setup(fuse_cfg: Any, eval_data: Mapping[str, str], out_dir: str | Path,
         if not Path(file).is_file():
             raise StudyError(f"{file}: no such test file (task {task})")
     target = load_adapter(fuse_cfg.target.adapter_path)
-    sources = {n: load_adapter(p) for n, p in source_specs(fuse_cfg)}
+    sources = {n: load_adapter(p) for n, p in source_entries(fuse_cfg.sources)}
     ttype = _model_type(fuse_cfg.target.model_path)
     homog = [n for n, a in sources.items() if same_base(target, a, ttype) is None]
     return _Study(fuse_cfg, {k: str(v) for k, v in eval_data.items()}, Path(out_dir), opts,
