@@ -377,7 +377,8 @@ def test_yaml_replay_listed_first_still_follows_the_mains(tmp_path, roots):
 
 
 @pytest.mark.parametrize("old, new, match", [
-    ("type: main", "type: replay, ratio: all", r"data\.roles=.*at least one dataset must be 'main'"),
+    ("type: main", "type: replay, ratio: all",
+     r"data\.roles=.*at least one dataset must be 'main'"),
     ("ratio: all", "ratio: 0", r"data\.roles\.1='replay:0': the replay ratio must be a number > 0"),
     ("ratio: all", "ratio: -1", r"data\.roles\.1='replay:-1': the replay ratio must be"),
     ("ratio: all", "ratio: most", r"data\.roles\.1='replay:most': replay ratio 'most' is not"),
