@@ -57,8 +57,10 @@ Chaining (``target.from_task``, ``fusion.reuse_from``) is recorded here as the o
 it: task i > 0 starts from task i-1's export, and reuses the networks of the latest earlier
 task with the same ``fusion_group_name``; `hfjax.config.files` then checks and links it.
 
-**The later release's layout** goes in a second ``load_*`` function next to
-`load_original_yaml`, with its own entry in ``LAYOUTS`` and a rule in `detect_layout`.
+The later release's files (``configs/heterofusion/custom/``) use this same layout, their
+``type`` / ``ratio`` dataset entries included (mapped to ``data.roles``). A layout of its own
+would go in a second ``load_*`` function next to `load_original_yaml`, with its own entry in
+``LAYOUTS`` and a rule in `detect_layout`.
 """
 
 from __future__ import annotations
