@@ -63,6 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.data_root = ""
     # Dataset names (file stems under data_root); on the command line "a,b,c".
     config.data.datasets = ()
+    # Each dataset's role, parallel to datasets (the later release's type / ratio): "main"
+    # (taken whole; main sets go first), "replay:all" (taken whole) or "replay:0.5" (int(0.5 x
+    # all main records) of it, sampled without replacement from seed). At least one "main".
+    # () = every dataset pooled whole, in the order listed. On the command line "main,replay:0.5".
+    config.data.roles = ()
     # Maximum tokens per example (prompt + response, truncated as LlamaFactory's infer_seqlen).
     config.data.cutoff_len = 1024
     # Smallest padded sequence length: examples are padded up to power-of-two buckets from

@@ -339,9 +339,6 @@ def test_yaml_unknown_fields_elsewhere(tmp_path, roots):
 
 
 @pytest.mark.parametrize("old, new, match", [
-    ("ratio: all", "ratio: 0.5", r"datasets\[1\]\.ratio'=0\.5.*ratio: all"),
-    (", ratio: all", "", r"ratio' missing \(the original's default is 0\.1\)"),
-    ("type: main", "type: replay, ratio: all", "no 'type: main' dataset"),
     ("lr: 1.0e-4", "output_dir: x", r"training\.output_dir': set it with output_dir"),
     ("lr: 1.0e-4", "batch_size: 2", r"'train\.batch_size' is set twice"),
     ("lr: 1.0e-4", "lr: 1.0e-4\n    grad_accum: 1.5",
@@ -355,6 +352,44 @@ def test_yaml_refuses_what_it_cannot_honour(tmp_path, roots, old, new, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("old, new, roles", [
+    ("ratio: all", "ratio: all", ("main", "replay:all")),
+    ("ratio: all", "ratio: 0.5", ("main", "replay:0.5")),  # was refused before roles existed
+    (", ratio: all", "", ("main", "replay:0.1")),  # the original's default ratio
+    ("type: replay, ratio: all", "ratio: 2", ("main", "replay:2")),  # type defaults to replay
+])
+def test_yaml_dataset_ratios_map_to_roles(tmp_path, roots, old, new, roles):
+    text = (MINIMAL_YAML % "lr: 1.0e-4").replace(old, new, 1)
+    (cfg,) = load_config(write(tmp_path / "run.yaml", text))
+    assert tuple(cfg.data.datasets) == ("ds_main", "ds_replay") and tuple(cfg.data.roles) == roles
+    validate_config(cfg, check_paths=False)
+
+
+def test_yaml_replay_listed_first_still_follows_the_mains(tmp_path, roots):
+    text = (MINIMAL_YAML % "lr: 1.0e-4").replace(
+        "  - {name: ds_main, type: main}\n  - {name: ds_replay, type: replay, ratio: all}",
+        "  - {name: ds_replay, type: replay, ratio: 0.25}\n  - {name: ds_main, type: main}")
+    (cfg,) = load_config(write(tmp_path / "run.yaml", text))
+    assert tuple(cfg.data.datasets) == ("ds_main", "ds_replay")
+    assert tuple(cfg.data.roles) == ("main", "replay:0.25")
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ("type: main", "type: replay, ratio: all",
+     r"data\.roles=.*at least one dataset must be 'main'"),
+    ("ratio: all", "ratio: 0", r"data\.roles\.1='replay:0': the replay ratio must be a number > 0"),
+    ("ratio: all", "ratio: -1", r"data\.roles\.1='replay:-1': the replay ratio must be"),
+    ("ratio: all", "ratio: most", r"data\.roles\.1='replay:most': replay ratio 'most' is not"),
+    ("type: replay", "type: extra", r"data\.roles\.1='extra:all': must be main, replay:all"),
+])
+def test_yaml_dataset_rules_are_the_data_specs(tmp_path, roots, old, new, match):
+    (cfg,) = load_config(write(tmp_path / "run.yaml", (MINIMAL_YAML % "lr: 1.0e-4").replace(
+        old, new, 1)))
+    with pytest.raises(ConfigError, match=match) as e:
+        validate_config(cfg, check_paths=False)
+    assert "\n" not in e.value.problems[0]
 
 
 def test_yaml_later_release_options_map_to_fusion_fields(tmp_path, roots):

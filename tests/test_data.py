@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hfjax.config.components import DataSpec
 from hfjax.eval.metrics import parse_uie
 from hfjax.training.data import (
     IGNORE_INDEX,
     DataError,
+    DatasetRole,
     Example,
     ReplaySet,
     bucket_for,
@@ -23,7 +25,9 @@ from hfjax.training.data import (
     length_buckets,
     load_alpaca,
     num_batches,
+    replay_count,
     resolve_dataset,
+    sample_indices,
 )
 from hfjax.training.templates import TEMPLATES, ChatTemplate, get_template, user_message
 
@@ -387,6 +391,109 @@ def test_replay_set_pools_datasets_with_stats(tmp_path, toks):
     assert "(all)" in replay.summary()
     with pytest.raises(DataError, match="listed twice: a"):
         ReplaySet.load(["a", "a"], tmp_path, toks["llama3"], "llama3", 128)
+
+
+def test_load_alpaca_reads_jsonl_with_history(tmp_path):
+    lines = [json.dumps({"instruction": "i", "input": "x", "output": " o", "history": []}), "",
+             json.dumps({"instruction": "j", "output": " p"})]
+    path = _write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
+    assert load_alpaca(path) == [{"instruction": "i", "input": "x", "output": " o"},
+                                 {"instruction": "j", "input": "", "output": " p"}]
+    assert resolve_dataset("d", tmp_path) == path
+    with pytest.raises(DataError, match=r"d2\.jsonl: line 2: invalid JSON"):
+        load_alpaca(_write(tmp_path / "d2.jsonl", lines[0] + "\n{oops\n"))
+    with pytest.raises(DataError, match=r"d3\.jsonl: record 1: 'output' must be a string"):
+        no_output = json.dumps({"instruction": "i"})
+        load_alpaca(_write(tmp_path / "d3.jsonl", f"{lines[0]}\n{no_output}"))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_replay_refuses_an_empty_output_by_file_and_record(tmp_path, toks, suffix):
+    recs = [{"instruction": "a", "output": " x"}, {"instruction": "b", "output": " y"},
+            {"instruction": "c", "output": "  "}]
+    text = json.dumps(recs) if suffix == ".json" else "\n".join(json.dumps(r) for r in recs)
+    _write(tmp_path / f"e{suffix}", text)
+    with pytest.raises(DataError, match=rf"e{suffix}: record 2: 'output' is empty") as e:
+        ReplaySet.load(["e"], tmp_path, toks["llama3"], "llama3", 128)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="record 2: 'output' is empty"):
+        load_alpaca(tmp_path / f"e{suffix}", nonempty_output=True)
+
+
+def test_dataset_role_parse():
+    assert DatasetRole.parse("main") == DatasetRole("main")
+    assert DatasetRole.parse("replay:all") == DatasetRole("replay", None)
+    assert DatasetRole.parse("replay:0.5") == DatasetRole("replay", 0.5)
+    assert str(DatasetRole.parse("replay:ALL")) == "replay:all"
+    for bad in ("replay", "main:1", "extra", "replay:lots"):
+        with pytest.raises(ValueError):
+            DatasetRole.parse(bad)
+    assert replay_count(0.5, 301, 1000) == 150 and replay_count(0.29, 100, 1000) == 28  # floor
+    assert replay_count(3.0, 10, 12) == 12 and replay_count(None, 10, 7) == 7
+
+
+def _mix_files(root: Path) -> None:
+    _write(root / "m1.json", [{"instruction": f"m1-{k}", "output": " a"} for k in range(6)])
+    _write(root / "m2.jsonl", "\n".join(json.dumps({"instruction": f"m2-{k}", "output": " b"})
+                                         for k in range(4)))
+    _write(root / "r.json", [{"instruction": f"r-{k}", "output": " c"} for k in range(40)])
+    _write(root / "s.json", [{"instruction": f"s-{k}", "output": " d"} for k in range(3)])
+
+
+def _instructions(replay: ReplaySet, tok, source: str) -> list[str]:
+    return [tok.decode(ex.input_ids.tolist()) for ex in replay.examples if ex.source == source]
+
+
+def test_replay_ratio_samples_floor_ratio_times_all_mains_seeded(tmp_path, toks):
+    _mix_files(tmp_path)
+    tok = toks["llama3"]
+
+    def load(seed: int, ratio: str = "0.75") -> ReplaySet:
+        # The replay is listed first: mains are still concatenated first.
+        return ReplaySet.load(["r", "m1", "m2", "s"], tmp_path, tok, "llama3", 128,
+                              roles=[f"replay:{ratio}", "main", "main", "replay:all"], seed=seed)
+
+    a = load(42)
+    # 10 main records (6 + 4): int(0.75 * 10) = 7 of r's 40; all 3 of s.
+    assert [ex.source for ex in a.examples] == ["m1"] * 6 + ["m2"] * 4 + ["r"] * 7 + ["s"] * 3
+    assert a.usage == {"m1": ("main", 6, 6), "m2": ("main", 4, 4), "r": ("replay:0.75", 40, 7),
+                       "s": ("replay:all", 3, 3)}
+    assert a.stats["r"]["n"] == 7 and len(a) == 20
+    assert _instructions(a, tok, "r") == _instructions(load(42), tok, "r")  # same seed
+    assert _instructions(a, tok, "r") != _instructions(load(7), tok, "r")  # other seed
+    assert len(set(_instructions(a, tok, "r"))) == 7  # without replacement
+    assert _instructions(load(42, "all"), tok, "r") == _instructions(load(3, "9"), tok, "r")
+    assert len(_instructions(load(42, "all"), tok, "r")) == 40  # all / more than there is
+    summary = a.summary()
+    assert "replay:0.75" in summary and " 40     7 " in summary
+    idx = sample_indices(40, 7, 42, "r")
+    assert list(idx) == sorted(set(idx.tolist())) and len(idx) == 7
+
+
+def test_plain_datasets_list_pools_every_record_in_order(tmp_path, toks):
+    _mix_files(tmp_path)
+    replay = ReplaySet.load(["s", "m1"], tmp_path, toks["llama3"], "llama3", 128)
+    assert [ex.source for ex in replay.examples] == ["s"] * 3 + ["m1"] * 6
+    assert replay.usage == {"s": ("pooled", 3, 3), "m1": ("pooled", 6, 6)}
+
+
+@pytest.mark.parametrize("roles, problem", [
+    ((), None),
+    (("main", "replay:0.5"), None),
+    (("main", "replay:all"), None),
+    (("replay:all", "replay:0.5"), "data.roles=('replay:all', 'replay:0.5'): at least one"),
+    (("main", "replay:0"), "data.roles.1='replay:0': the replay ratio must be a number > 0"),
+    (("main", "replay:nan"), "data.roles.1='replay:nan': the replay ratio must be"),
+    (("main", "mix"), "data.roles.1='mix': must be main, replay:all or replay:<ratio>"),
+    (("main",), "data.roles=('main',): needs one entry per dataset (2 in data.datasets, 1"),
+])
+def test_data_spec_holds_the_role_rules(roles, problem):
+    spec = DataSpec(data_root="d", datasets=("a", "b"), roles=roles)
+    problems = spec.check(check_paths=False)
+    if problem is None:
+        assert problems == [] and len(spec.parsed_roles()) == len(roles)
+    else:
+        assert len(problems) == 1 and problems[0].startswith(problem), problems
 
 
 # --------------------------------------------------------------------------------------------

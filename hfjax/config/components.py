@@ -25,6 +25,7 @@ from typing import Any
 
 from hfjax.config.problems import ConfigError, is_number, problem, raise_problems
 from hfjax.training.accumulation import WINDOW_MODES
+from hfjax.training.data import DatasetRole
 from hfjax.training.templates import TEMPLATES as _TEMPLATE_REGISTRY
 
 __all__ = [
@@ -242,6 +243,13 @@ class DataSpec:
     datasets: tuple[str, ...]  # dataset names under data_root
     cutoff_len: int = 1024  # most tokens per example
     min_bucket: int = 64  # smallest padded length
+    # One per dataset: "main" | "replay:all" | "replay:<ratio>" (`DatasetRole`); () = all
+    # pooled whole, in order.
+    roles: tuple[str, ...] = ()
+
+    def parsed_roles(self) -> tuple[DatasetRole, ...]:
+        """:attr:`roles` parsed (call after `check`; `ValueError` on a bad one)."""
+        return tuple(DatasetRole.parse(r) for r in self.roles)
 
     def check(self, *, check_paths: bool = True, find_datasets: bool = True,
               at: str = "data") -> list[str]:
@@ -261,10 +269,36 @@ class DataSpec:
                   and not _dataset_found(self.data_root, name)):
                 c.bad(f"datasets.{i}", name, f"no {name}.json or {name}.jsonl (or "
                       f"dataset_info.json entry) in {c.name('data_root')}")
+        c.problems += self._role_problems(c)
         cut = c.positive("cutoff_len", self.cutoff_len)
         if c.positive("min_bucket", self.min_bucket) and cut and self.min_bucket > self.cutoff_len:
             c.bad("min_bucket", self.min_bucket, f"must not exceed {c.name('cutoff_len')}")
         return c.problems
+
+    def _role_problems(self, c: _Checks) -> list[str]:
+        """The mix rules: one role per dataset, known kinds, replay ratio > 0, a main set."""
+        if not self.roles:
+            return []
+        out = _Checks(c.at)
+        if len(self.roles) != len(self.datasets):
+            out.bad("roles", self.roles, f"needs one entry per dataset ({len(self.datasets)} in "
+                    f"{c.name('datasets')}, {len(self.roles)} here)")
+            return out.problems
+        parsed = []
+        for i, text in enumerate(self.roles):
+            try:
+                role = DatasetRole.parse(text)
+            except ValueError as e:
+                out.bad(f"roles.{i}", text, str(e))
+                continue
+            if role.ratio is not None and not (is_number(role.ratio) and role.ratio > 0):
+                out.bad(f"roles.{i}", text, "the replay ratio must be a number > 0 (or 'all'); "
+                        "to replay nothing, leave the dataset out")
+            parsed.append(role)
+        if len(parsed) == len(self.roles) and not any(r.kind == "main" for r in parsed):
+            out.bad("roles", self.roles, "at least one dataset must be 'main' (replay ratios "
+                    "count main records)")
+        return out.problems
 
 
 # --------------------------------------------------------------------------- fusion

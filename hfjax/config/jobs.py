@@ -199,9 +199,10 @@ def _train(tr: Any) -> TrainConfig:
                        scan_layers=bool(tr.get("scan_layers", True)))
 
 
-def _data(root: Any, datasets: Any, cutoff_len: Any, min_bucket: Any) -> DataSpec:
+def _data(root: Any, datasets: Any, cutoff_len: Any, min_bucket: Any,
+          roles: Any = ()) -> DataSpec:
     return DataSpec(data_root=root, datasets=tuple(datasets), cutoff_len=cutoff_len,
-                    min_bucket=min_bucket)
+                    min_bucket=min_bucket, roles=tuple(roles))
 
 
 def fuse_job_from(cfg: ConfigDict) -> tuple[FuseJob, list[str]]:
@@ -216,7 +217,7 @@ def fuse_job_from(cfg: ConfigDict) -> tuple[FuseJob, list[str]]:
                           from_task=cfg.target.from_task),
         sources=sources,
         data=_data(cfg.data.data_root, cfg.data.datasets, cfg.data.cutoff_len,
-                   cfg.data.min_bucket),
+                   cfg.data.min_bucket, cfg.data.get("roles", ())),
         plan=PlanConfig(block_size=f.block_size, transfer_ratio=f.transfer_ratio,
                         layer_alignment=f.get("layer_alignment", "tail"),
                         update_mode=f.get("update_mode", "b_only")),

@@ -26,9 +26,12 @@ pipeline)::
       transfer_ratio: '1'                        # float or "a/b"         -> fusion.transfer_ratio
       layer_alignment: tail                      # (later release)        -> fusion.layer_alignment
       seed: 42                                   # (later release)        -> seed
-      datasets:                                  # mains first, then replays -> data.datasets
-      - {name: TweetNER7_sample_15000_sample300, type: main}
-      - {name: mit-movie_sample300, type: replay, ratio: all}   # only ratio "all" is supported
+      datasets:                      # mains first, then replays -> data.datasets, data.roles
+      - {name: TweetNER7_sample_15000_sample300, type: main}                -> "main"
+      - {name: mit-movie_sample300, type: replay, ratio: all}               -> "replay:all"
+      - {name: conll04_sample300, ratio: 0.5}    # type defaults to replay  -> "replay:0.5"
+      # (ratio defaults to 0.1, the original's; type: replay with a number samples
+      #  int(ratio x all main records), seeded from seed)
       training:
         fusion_group_name: heterofusion_transfer                          -> fusion.group_name
         embed_dim: 1024 / num_heads: 8 / mu_gate: 0.1 / alpha_init: 0.3   -> fusion.*
@@ -54,8 +57,10 @@ Chaining (``target.from_task``, ``fusion.reuse_from``) is recorded here as the o
 it: task i > 0 starts from task i-1's export, and reuses the networks of the latest earlier
 task with the same ``fusion_group_name``; `hfjax.config.files` then checks and links it.
 
-**The later release's layout** goes in a second ``load_*`` function next to
-`load_original_yaml`, with its own entry in ``LAYOUTS`` and a rule in `detect_layout`.
+The later release's files (``configs/heterofusion/custom/``) use this same layout, their
+``type`` / ``ratio`` dataset entries included (mapped to ``data.roles``). A layout of its own
+would go in a second ``load_*`` function next to `load_original_yaml`, with its own entry in
+``LAYOUTS`` and a rule in `detect_layout`.
 """
 
 from __future__ import annotations
@@ -136,6 +141,7 @@ _SET_ELSEWHERE = {
     "target.adapter_path": "initial_target_lora", "target.template": "data_global.template",
     "target.from_task": "(set by chaining)", "sources": "tasks[i].source_lora_paths",
     "data.data_root": "data_global.dataset_dir", "data.datasets": "tasks[i].datasets",
+    "data.roles": "tasks[i].datasets (type, ratio)",
     "fusion.reuse_from": "(set by chaining; use a distinct fusion_group_name for a fresh net)",
 }
 # Sections that may be written as nested mappings inside `training` (train: {lr: ...}).
@@ -200,35 +206,31 @@ def _coerce_numeric_string(value: Any, field_type: type) -> Any:
     return value
 
 
-def _task_datasets(entries: Any, file: str, where: str) -> tuple[str, ...]:
-    """The task's dataset names, mains first then replays (the original's concat order)."""
+def _task_datasets(entries: Any, file: str, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The task's dataset names and roles (``data.datasets``, ``data.roles``), mains first
+    then replays (the original's concat order).
+
+    ``type`` defaults to replay and a replay's ``ratio`` to 0.1, as in the original; a main's
+    ratio is ignored, as there. The rules (known types, ratio > 0, one main) are
+    `DataSpec.check`'s, so a bad value is refused when the task is checked.
+    """
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{file}: '{where}' must be a non-empty list")
-    mains: list[str] = []
-    replays: list[str] = []
+    mains: list[tuple[str, str]] = []
+    replays: list[tuple[str, str]] = []
     for j, entry in enumerate(entries):
         at = f"{where}[{j}]"
         _check_keys(entry, _DATASET_FIELDS, file, at)
         if "name" not in entry:
             raise ConfigError(f"{file}: '{at}' has no name")
-        kind = entry.get("type", "replay")
+        kind = str(entry.get("type", "replay"))
         if kind == "main":
-            mains.append(str(entry["name"]))
+            mains.append((str(entry["name"]), "main"))
             continue
-        if kind != "replay":
-            raise ConfigError(f"{file}: '{at}.type'={kind!r}: expected 'main' or 'replay'")
-        ratio = entry.get("ratio")
-        if not (isinstance(ratio, str) and ratio.lower() == "all"):
-            shown = " missing (the original's default is 0.1)" if ratio is None else f"={ratio!r}"
-            raise ConfigError(
-                f"{file}: '{at}.ratio'{shown}: hfjax pools whole replay sets only; "
-                "write 'ratio: all' (as every paper config does)"
-            )
-        replays.append(str(entry["name"]))
-    if not mains:
-        raise ConfigError(
-            f"{file}: '{where}' has no 'type: main' dataset (the original requires one)")
-    return tuple(mains + replays)
+        ratio = entry.get("ratio", 0.1)
+        replays.append((str(entry["name"]), f"{kind}:{ratio}"))
+    pairs = mains + replays
+    return tuple(n for n, _ in pairs), tuple(r for _, r in pairs)
 
 
 def _training_fields(block: Any, fields: _Fields, file: str, where: str) -> None:
@@ -328,8 +330,9 @@ def load_original_yaml(file: str, data: Any = None) -> list[ConfigDict]:
             fields.put("seed", task["seed"], f"{where}.seed")
         if "datasets" not in task:
             raise ConfigError(f"{file}: '{where}' has no datasets")
-        fields.put("data.datasets", _task_datasets(task["datasets"], file, f"{where}.datasets"),
-                   f"{where}.datasets")
+        names, roles = _task_datasets(task["datasets"], file, f"{where}.datasets")
+        fields.put("data.datasets", names, f"{where}.datasets")
+        fields.put("data.roles", roles, f"{where}.datasets")
         _training_fields(task.get("training"), fields, file, f"{where}.training")
         for key, default in _ORIGINAL_CODE_DEFAULTS.items():
             ours = _ORIGINAL_TRAINING_FIELDS[key]

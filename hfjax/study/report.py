@@ -62,7 +62,8 @@ def dry_run_listing(st: Any, plan: Sequence[Unit], skipped: Mapping[str, str]) -
                                     source=str(Path(cfg.target.model_path) / "config.json"))
     tok = load_tokenizer(cfg.target.model_path)
     replay = ReplaySet.load(list(cfg.data.datasets), cfg.data.data_root, tok,
-                            resolve_template(cfg, model_cfg), cfg.data.cutoff_len)
+                            resolve_template(cfg, model_cfg), cfg.data.cutoff_len,
+                            roles=tuple(cfg.data.get("roles", ())), seed=cfg.seed)
     tr = cfg.train
     n_b = num_batches(len(replay), tr.batch_size)
     steps = total_steps(n_b, tr.epochs, tr.grad_accum, tr.max_steps)

@@ -17,12 +17,19 @@ Truncation follows LlamaFactory's supervised processor for one turn: ``infer_seq
 ``cutoff_len`` between prompt and response, then the prompt keeps its head and the response its
 head (so a long response can lose its end token, as in the original). All datasets are pooled
 and the pool is permuted once per epoch by ``epoch_order(n, epoch, seed)``.
+
+Datasets may carry a role (the later release's ``type`` / ``ratio``, docs/algorithm.md §11)::
+
+    ReplaySet.load(["tweet", "movie"], root, tok, "llama3", 1024,
+                   roles=["main", "replay:0.5"], seed=42)
+    # tweet (300 records) whole, then int(0.5 * 300) = 150 movie records drawn by (seed, name)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,29 +50,46 @@ class DataError(UserError):
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
-def load_alpaca(path: str | Path) -> list[dict[str, str]]:
-    """Read and validate an Alpaca JSON file.
+def _read_records(path: Path, text: str) -> list[Any]:
+    """The records of a JSON list (``.json``) or of one JSON object per line (``.jsonl``)."""
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        return data
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+    return records
 
-    The file must hold a non-empty JSON list of objects with string ``instruction`` and
-    ``output``; ``input`` is optional (a string or null). Other keys (``history``) are dropped.
+
+def load_alpaca(path: str | Path, *, nonempty_output: bool = False) -> list[dict[str, str]]:
+    """Read and validate an Alpaca file: a JSON list (``.json``) or JSON lines (``.jsonl``).
+
+    Every record must be an object with string ``instruction`` and ``output``; ``input`` is
+    optional (a string or null). Other keys (``history``) are dropped. ``nonempty_output``
+    also refuses an empty ``output`` (training data: nothing to supervise).
 
     Returns:
         one ``{"instruction", "input", "output"}`` dict per record, in file order.
 
     Raises:
-        DataError: naming the file (and record index) on any problem.
+        DataError: naming the file (and record index, from 0) on any problem.
     """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    data = _read_records(path, text)
     if not data:
         raise DataError(f"{path}: no records")
     records = []
@@ -76,6 +100,8 @@ def load_alpaca(path: str | Path) -> list[dict[str, str]]:
             if not isinstance(rec.get(key), str):
                 got = "missing" if key not in rec else type(rec[key]).__name__
                 raise DataError(f"{path}: record {i}: {key!r} must be a string ({got})")
+        if nonempty_output and not rec["output"].strip():
+            raise DataError(f"{path}: record {i}: 'output' is empty (nothing to train on)")
         inp = rec.get("input")
         if inp is not None and not isinstance(inp, str):
             raise DataError(f"{path}: record {i}: 'input' must be a string or null")
@@ -86,16 +112,17 @@ def load_alpaca(path: str | Path) -> list[dict[str, str]]:
 
 def _known_datasets(root: Path, info: Mapping[str, Any]) -> list[str]:
     names = set(info)
-    names.update(p.stem for p in root.glob("*.json") if p.name != "dataset_info.json")
+    names.update(p.stem for ext in ("*.json", "*.jsonl") for p in root.glob(ext)
+                 if p.name != "dataset_info.json")
     return sorted(names)
 
 
 def resolve_dataset(name: str, data_root: str | Path) -> Path:
-    """The JSON file of dataset ``name`` under ``data_root``.
+    """The JSON / JSONL file of dataset ``name`` under ``data_root``.
 
     Looks up ``data_root/dataset_info.json`` (LlamaFactory's registry, ``{name: {"file_name":
-    ...}}``) when it exists and lists ``name``; otherwise ``data_root/<name>.json``
-    (``name`` may already end in ``.json``).
+    ...}}``) when it exists and lists ``name``; otherwise ``data_root/<name>.json``, then
+    ``data_root/<name>.jsonl`` (``name`` may already end in ``.json`` / ``.jsonl``).
 
     Raises:
         DataError: when nothing matches, listing the datasets that exist.
@@ -121,8 +148,8 @@ def resolve_dataset(name: str, data_root: str | Path) -> Path:
         if not path.is_file():
             raise DataError(f"{info_path}: dataset {name!r} points to missing file {path}")
         return path
-    for candidate in (root / f"{name}.json", root / name):
-        if candidate.suffix == ".json" and candidate.is_file():
+    for candidate in (root / f"{name}.json", root / f"{name}.jsonl", root / name):
+        if candidate.suffix in (".json", ".jsonl") and candidate.is_file():
             return candidate
     known = _known_datasets(root, info)
     raise DataError(
@@ -280,17 +307,71 @@ def iterate_batches(examples: Sequence[Example], *, batch_size: int, epoch: int,
 # --------------------------------------------------------------------------------------------
 # the replay set
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetRole:
+    """What one listed dataset is in the mix (the later release's ``type`` / ``ratio``).
+
+    ``main`` sets are taken whole and concatenated first; a ``replay`` set follows, whole
+    (``ratio`` None, written ``replay:all``) or ``floor(ratio x main records)`` of its records
+    sampled without replacement (written ``replay:0.5``; all of them when it has no more).
+    The rules (ratio > 0, at least one main) are `hfjax.config.components.DataSpec.check`'s.
+    """
+
+    kind: str  # "main" or "replay"
+    ratio: float | None = None  # replay share of the main records; None = every record
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetRole:
+        """``"main"``, ``"replay:all"`` or ``"replay:<number>"``; `ValueError` saying why not."""
+        kind, sep, amount = str(text).strip().partition(":")
+        if kind == "main" and not sep:
+            return cls("main")
+        if kind != "replay" or not amount.strip():
+            raise ValueError("must be main, replay:all or replay:<ratio>")
+        if amount.strip().lower() == "all":
+            return cls("replay")
+        try:
+            return cls("replay", float(amount))
+        except ValueError:
+            raise ValueError(f"replay ratio {amount.strip()!r} is not a number or 'all'") from None
+
+    def __str__(self) -> str:
+        if self.kind == "main":
+            return "main"
+        return "replay:all" if self.ratio is None else f"replay:{self.ratio:g}"
+
+
+def replay_count(ratio: float | None, n_main: int, n_available: int) -> int:
+    """Records a replay set contributes: all for ``ratio`` None, else ``int(ratio x n_main)``
+    (floored, as the later release's trainer), at most ``n_available``."""
+    if ratio is None:
+        return n_available
+    return min(int(ratio * n_main), n_available)
+
+
+def sample_indices(n_available: int, count: int, seed: int, name: str) -> np.ndarray:
+    """``count`` distinct record indices of dataset ``name``, in file order; a pure function
+    of ``(seed, name)`` so that one dataset's sample does not move when another's ratio does."""
+    if count >= n_available:
+        return np.arange(n_available)
+    key = zlib.crc32(name.encode("utf-8"))
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, key])))
+    return np.sort(rng.choice(n_available, size=count, replace=False))
+
+
 @dataclass
 class ReplaySet:
     """The pooled replay examples of several datasets, with per-dataset statistics.
 
-    ``stats[name]`` holds ``n`` (records), ``tokens`` (total length), ``min_len``, ``mean_len``,
-    ``max_len``, ``mean_response_len`` (supervised tokens per example) and ``n_truncated``
-    (records cut by ``cutoff_len``); :attr:`totals` the same over the pool.
+    ``stats[name]`` holds ``n`` (records used), ``tokens`` (total length), ``min_len``,
+    ``mean_len``, ``max_len``, ``mean_response_len`` (supervised tokens per example) and
+    ``n_truncated`` (records cut by ``cutoff_len``); :attr:`totals` the same over the pool.
+    ``usage[name]`` is ``(role, records available, records used)``.
     """
 
     examples: list[Example]
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    usage: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -303,8 +384,15 @@ class ReplaySet:
 
     @classmethod
     def load(cls, names: Sequence[str], data_root: str | Path, tokenizer: Tokenizer,
-             template: str | ChatTemplate, cutoff_len: int) -> ReplaySet:
-        """Resolve, read, validate and tokenize every dataset in ``names`` (in that order)."""
+             template: str | ChatTemplate, cutoff_len: int,
+             roles: Sequence[DatasetRole | str] = (), seed: int = 0) -> ReplaySet:
+        """Resolve, read, validate and tokenize the datasets in ``names``.
+
+        Without ``roles`` every dataset is pooled whole, in the order given. With ``roles``
+        (one per name, checked by `DataSpec.check`) the main sets come first, in order, then
+        each replay set whole or sampled (see `DatasetRole`, `sample_indices` with ``seed``).
+        Every record must have a non-empty ``output``.
+        """
         names = [names] if isinstance(names, str) else list(names)
         if not names:
             raise DataError(f"{data_root}: no replay datasets given")
@@ -313,26 +401,50 @@ class ReplaySet:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise DataError(f"{data_root}: dataset(s) listed twice: {', '.join(dupes)}")
+        parsed = [r if isinstance(r, DatasetRole) else DatasetRole.parse(r) for r in roles]
+        if parsed and len(parsed) != len(names):
+            raise ValueError(f"{len(parsed)} roles for {len(names)} datasets")
         tpl = get_template(template)
         tpl.check_tokenizer(tokenizer)
+        records = {n: load_alpaca(resolve_dataset(n, data_root), nonempty_output=True)
+                   for n in names}
+        if parsed:
+            order = [(n, r) for n, r in zip(names, parsed, strict=True) if r.kind == "main"]
+            order += [(n, r) for n, r in zip(names, parsed, strict=True) if r.kind != "main"]
+        else:
+            order = [(n, None) for n in names]
+        n_main = sum(len(records[n]) for n, r in order if r is not None and r.kind == "main")
         examples: list[Example] = []
         stats: dict[str, dict[str, float]] = {}
-        for name in names:
-            records = load_alpaca(resolve_dataset(name, data_root))
+        usage: dict[str, tuple[str, int, int]] = {}
+        for name, role in order:
+            available = records[name]
+            chosen = available
+            if role is not None and role.kind == "replay":
+                count = replay_count(role.ratio, n_main, len(available))
+                chosen = [available[int(i)] for i in sample_indices(len(available), count,
+                                                                     seed, name)]
             encoded, n_truncated = [], 0
-            for rec in records:
+            for rec in chosen:
                 ex, truncated = _encode_record(rec, tokenizer, tpl, cutoff_len, name)
                 encoded.append(ex)
                 n_truncated += truncated
             stats[name] = _length_stats(encoded, n_truncated)
+            usage[name] = (str(role) if role is not None else "pooled", len(available),
+                           len(chosen))
             examples.extend(encoded)
-        return cls(examples=examples, stats=stats)
+        return cls(examples=examples, stats=stats, usage=usage)
 
     def summary(self) -> str:
-        """A small table of the statistics, one line per dataset."""
-        lines = [f"{'dataset':<48} {'n':>5} {'mean':>7} {'max':>5} {'resp':>6} {'trunc':>5}"]
-        for name, s in [*self.stats.items(), ("(all)", self.totals)]:
-            lines.append(f"{name:<48} {s['n']:>5.0f} {s['mean_len']:>7.1f} {s['max_len']:>5.0f} "
+        """A small table: per dataset its role, records available and used, and lengths."""
+        lines = [f"{'dataset':<40} {'role':<12} {'avail':>5} {'used':>5} {'mean':>7} "
+                 f"{'max':>5} {'resp':>6} {'trunc':>5}"]
+        rows = [(n, s, *self.usage.get(n, ("", s["n"], s["n"]))) for n, s in self.stats.items()]
+        total_avail = sum(int(r[3]) for r in rows)
+        for name, s, role, avail, used in [*rows,
+                                           ("(all)", self.totals, "", total_avail, len(self))]:
+            lines.append(f"{name:<40} {role:<12} {avail:>5.0f} {used:>5.0f} "
+                         f"{s['mean_len']:>7.1f} {s['max_len']:>5.0f} "
                          f"{s['mean_response_len']:>6.1f} {s['n_truncated']:>5.0f}")
         return "\n".join(lines)
 

@@ -111,7 +111,7 @@ def prepare(cfg: ConfigDict | FuseJob) -> Inputs:
     tokenizer = load_tokenizer(job.target.model_path)
     template = resolve_template(job.target.template, model_cfg.model_type)
     replay = ReplaySet.load(list(job.data.datasets), job.data.data_root, tokenizer, template,
-                            job.data.cutoff_len)
+                            job.data.cutoff_len, roles=job.data.parsed_roles(), seed=job.seed)
     if len(replay) == 0:
         raise ValueError(f"{job.data.data_root}: the replay set is empty")
     return Inputs(target, sources, names, plan, contexts, model_cfg, replay, tokenizer, template)
