@@ -223,7 +223,7 @@ def _child(paths_json: str, out: str) -> None:
     from hfjax.training.checkpointing import Checkpointer
     from hfjax.training.data import length_buckets
     from hfjax.training.fuse_loop import (
-        fused_B_numpy,
+        fused_factors_numpy,
         micro_batch_stream,
         prepare,
         run_fusion,
@@ -289,7 +289,7 @@ def _child(paths_json: str, out: str) -> None:
                               shd.put(weights, shd.replicated(mesh)), rdm_key, st=st)
     res["loss_diff"] = abs(float(m1["loss"]) - float(m8["loss"]))
     res["param_diff"] = _tree_max_diff(s1["params"], dist.gather_to_host(s8["params"]))
-    new_B, _ = fused_B_numpy(s8["params"], frozen, st)
+    new_B = fused_factors_numpy(s8["params"], frozen, st)[0]["B"]
     res["fused_B_sha"] = hashlib.sha256(b"".join(
         np.ascontiguousarray(new_B[k]).tobytes() for k in sorted(new_B))).hexdigest()
 

@@ -189,8 +189,11 @@ def _scan_layers(job: FuseJob) -> bool:
 
 def statics_from(cfg: ConfigDict | FuseJob, plan: FusionPlan, model_cfg: ModelConfig,
                  steps: int = 1) -> FuseStatics:
-    """The fuse step's static argument: the job's network, RDM and optimizer settings."""
-    job = _job(cfg)
+    """The fuse step's static argument: the job's network, RDM and optimizer settings (a
+    ConfigDict is read unchecked: only its settings matter here, not its paths)."""
+    from hfjax.config.jobs import fuse_job_from
+
+    job = cfg if isinstance(cfg, FuseJob) else fuse_job_from(cfg)[0]
     return FuseStatics(plan=plan, model=model_cfg, net=job.net, rdm=job.rdm, optim=job.optim,
                        steps=int(steps), remat=bool(job.train.remat))
 
@@ -386,10 +389,11 @@ def _with_A(adapter: LoraAdapter, new_A: Mapping[str, np.ndarray]) -> LoraAdapte
     return LoraAdapter(config=dict(adapter.config), modules=mods, path=None)
 
 
-def export(job: FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any], st: FuseStatics,
-           out_dir: Path) -> tuple[Path, dict[str, Any]]:
+def export(job: ConfigDict | FuseJob, inp: Inputs, params: Any, frozen: dict[str, Any],
+           st: FuseStatics, out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Write ``merged_lora/`` (the factors ``update_mode`` patches: B + α·ΔB and/or
     A + α·ΔA on fused modules; the rest unchanged) and the report dict."""
+    job = _job(job)
     factors, attn = fused_factors_numpy(params, frozen, st)
     new_B, new_A = factors.get("B", {}), factors.get("A", {})
     fused = _with_A(fused_adapter(inp.target, new_B, job.export_dtype), new_A)
