@@ -177,12 +177,19 @@ def load_tokenizer(model_path: str | Path) -> Any:
     """The checkpoint's tokenizer (transformers), or one clear line naming the directory."""
     import transformers
 
+    from hfjax.errors import UserError
+
+    class TokenizerError(UserError):
+        """The checkpoint's tokenizer files are missing or unreadable."""
+
     try:
         return transformers.AutoTokenizer.from_pretrained(str(model_path))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+    except (ValueError, KeyError, TypeError, OSError) as e:  # bad or missing files only
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the machine's error (disk, permission), not the checkpoint's
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{model_path}: cannot load the tokenizer ({type(e).__name__}: "
-                         f"{first})") from e
+        raise TokenizerError(f"{model_path}: cannot load the tokenizer ({type(e).__name__}: "
+                             f"{first})") from e
 
 
 def hf_tensors(decoder: Decoder, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:

@@ -602,6 +602,8 @@ def test_template_resolution_and_export_dir(tmp_path):
     assert hfjax_config.export_dir(cfg) == f"{tmp_path}/out/heterofusion/merged_lora"
     assert not hfjax_config.is_finished(cfg)
     write(Path(hfjax_config.export_dir(cfg)) / "adapter_model.safetensors", "")
+    assert not hfjax_config.is_finished(cfg)  # an export alone may be a killed run's
+    write(Path(hfjax_config.export_dir(cfg)).parent / "COMPLETE.json", "{}")
     assert hfjax_config.is_finished(cfg)
     dumped = json.loads(json.dumps(hfjax_config.config_to_dict(cfg)))
     assert dumped["sources"][1] == {"name": "b", "adapter_path": f"{tmp_path}/src_b"}
