@@ -220,12 +220,12 @@ def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bo
     if earlier and not rd.is_complete(rd.inside(job.output_dir, earlier)):
         raise rd.OutputPathError(f"{rd.inside(job.output_dir, earlier)}: task {earlier!r} has "
                                  f"not finished (no {rd.COMPLETE_FILE}); run it first")
+    inp = prepare(job)
     if not dist.is_primary():
-        return _run_fusion(job, prepare(job), out_dir, progress=progress,
-                           stop_after=stop_after, base_params=base_params, restart=restart)
+        return _run_fusion(job, inp, out_dir, progress=progress, stop_after=stop_after,
+                           base_params=base_params, restart=restart)
     with rd.TaskLock(out_dir):
         rd.clean_partial_exports(out_dir)
-        inp = prepare(job)
         return _run_fusion(job, inp, out_dir, progress=progress, stop_after=stop_after,
                            base_params=base_params, restart=restart)
 
