@@ -39,6 +39,7 @@ from hfjax.errors import (
     EnvironmentFailure,
     RunDiverged,
     UserError,
+    machine_error,
 )
 
 EXIT_RUN_FAILED = EXIT_BUG  # the old name
@@ -347,8 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"hfjax: environment: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_ENVIRONMENT
-    except Exception:  # noqa: BLE001 - anything else is a bug: say so, with the traceback
-        return _bug()
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: say so, with the traceback
+        code = machine_error(e)  # a library's wrapped disk-full / permission error
+        if code is None:
+            return _bug()
+        print(f"hfjax: environment: {os.strerror(code)} ({_one_line(e)[:300]})",
+              file=sys.stderr)
+        return EXIT_ENVIRONMENT
 
 
 def _one_line(e: BaseException) -> str:

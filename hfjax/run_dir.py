@@ -143,12 +143,12 @@ class TaskLock:
 
 
 def clean_partial_exports(run_dir: str | Path) -> list[Path]:
-    """Delete ``.<name>.tmp-*`` folders/files left by an export that was killed."""
+    """Delete ``.<name>.tmp-*`` / ``.<name>.old-*`` left by an export that was killed."""
     removed = []
     root = Path(run_dir)
     if not root.is_dir():
         return removed
-    for p in root.glob(".*.tmp-*"):
+    for p in [*root.glob(".*.tmp-*"), *root.glob(".*.old-*")]:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
