@@ -664,6 +664,7 @@ def test_sweep_dry_run(tmp_path, roots):
 def test_sweep_skip_finished(tmp_path, roots):
     done = Path(roots["OUTPUT_ROOT"]) / "paper/sensitivity_alpha/0.1/alpha_sweep/merged_lora"
     write(done / "adapter_model.safetensors", "")
+    write(done.parent / "COMPLETE.json", "{}")  # "finished" is the marker, written last
     proc, specs, _ = run_sweep(tmp_path, *SWEEP, env={"SKIP_FINISHED": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert specs == ["sensitivity_alpha/0.05", "sensitivity_alpha/0.15"]
