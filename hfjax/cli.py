@@ -14,7 +14,10 @@ Config files are ml_collections Python files (``get_config()``) or the original 
 YAML layout (see `hfjax.config`); ``hfjax:NAME[:ARG]`` names a shipped one
 (``hfjax:fuse``, ``hfjax:train_lora``, ``hfjax:paper:<experiment>``; `hfjax.config_names`).
 Every command parses its arguments, calls one library function and prints what it returns.
-Bad input ends with one line on stderr and exit code 2.
+Exit codes: 0 done; 2 bad input (one line); 3 the machine refused (disk full, permission, a
+task directory held by another run; one line); 4 the run diverged (one line); 130
+interrupted; 1 a bug (the traceback and a request to report it). ``--restart`` (fuse,
+train-lora) starts a task over when its checkpoint was made by another configuration.
 Compiled executables are cached on disk (`hfjax.compile_cache`; ``HFJAX_COMPILATION_CACHE=off``
 turns that off).
 """
