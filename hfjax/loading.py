@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bridge.checkpoint import open_checkpoint, save_checkpoint
-from bridge.errors import CheckpointError
+from bridge.errors import CheckpointError, UserError
 from hfjax.models.config import ModelConfig, ModelConfigError
 from hfjax.models.key_tables import (
     IGNORED_HF_SUFFIXES,
@@ -173,14 +173,13 @@ _MALLOC_TRIM: Any = None
 _TRIM_EVERY = 64 * 2**20
 
 
+class TokenizerError(UserError):
+    """The checkpoint's tokenizer files are missing or unreadable."""
+
+
 def load_tokenizer(model_path: str | Path) -> Any:
     """The checkpoint's tokenizer (transformers), or one clear line naming the directory."""
     import transformers
-
-    from hfjax.errors import UserError
-
-    class TokenizerError(UserError):
-        """The checkpoint's tokenizer files are missing or unreadable."""
 
     try:
         return transformers.AutoTokenizer.from_pretrained(str(model_path))
