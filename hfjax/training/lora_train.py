@@ -281,7 +281,7 @@ def _train_lora(job: LoraJob, run_dir: Path, *, progress: bool, stop_after: int 
                             checkpoint_every=tr.checkpoint_every,
                             keep_checkpoints=tr.keep_checkpoints, stop_after=stop_after,
                             restart=restart, desc=f"train-lora {job.task_name}")
-    identity = {**lora_identity(job, steps), "modules": len(names), "r": rank}
+    identity = {"modules": len(names), "r": rank, **lora_identity(job, steps)}
     pad_id = pad_id_of(tokenizer)
     buckets = length_buckets(job.data.cutoff_len, job.data.min_bucket)
 
