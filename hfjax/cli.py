@@ -14,7 +14,10 @@ Config files are ml_collections Python files (``get_config()``) or the original 
 YAML layout (see `hfjax.config`); ``hfjax:NAME[:ARG]`` names a shipped one
 (``hfjax:fuse``, ``hfjax:train_lora``, ``hfjax:paper:<experiment>``; `hfjax.config_names`).
 Every command parses its arguments, calls one library function and prints what it returns.
-Bad input ends with one line on stderr and exit code 2.
+Exit codes: 0 done; 2 bad input (one line); 3 the machine refused (disk full, permission, a
+task directory held by another run; one line); 4 the run diverged (one line); 130
+interrupted; 1 a bug (the traceback and a request to report it). ``--restart`` (fuse,
+train-lora) starts a task over when its checkpoint was made by another configuration.
 Compiled executables are cached on disk (`hfjax.compile_cache`; ``HFJAX_COMPILATION_CACHE=off``
 turns that off).
 """
@@ -22,14 +25,30 @@ turns that off).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-EXIT_RUN_FAILED = 1
+from hfjax.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    EXIT_DIVERGED,
+    EXIT_ENVIRONMENT,
+    EXIT_INTERRUPTED,
+    EnvironmentFailure,
+    RunDiverged,
+    UserError,
+    machine_error,
+)
+
+EXIT_RUN_FAILED = EXIT_BUG  # the old name
+# OSErrors that are the machine's fault, not a bug: disk full, no permission, read-only.
+_ENV_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT, errno.EIO,
+               errno.EMFILE, errno.ENFILE}
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -66,7 +85,8 @@ def cmd_fuse(args: argparse.Namespace, overrides: list[str]) -> int:
                   f"{cfg.target.from_task}; planning with the first task's target)")
             cfg = cfg.unlock()
             cfg.target.adapter_path = configs[0].target.adapter_path
-        res = run_fusion(cfg, dry_run=args.dry_run, progress=not args.quiet)
+        res = run_fusion(cfg, dry_run=args.dry_run, progress=not args.quiet,
+                         restart=args.restart)
         if not args.dry_run:
             run = res.report.get("run", {})
             print(f"fused adapter: {res.adapter_dir}")
@@ -81,7 +101,7 @@ def cmd_train_lora(args: argparse.Namespace, overrides: list[str]) -> int:
     from hfjax.training.lora_train import load_train_config, train_lora
 
     cfg = load_train_config(resolve_config_name(args.config), overrides)
-    adapter_dir = train_lora(cfg, progress=not args.quiet)
+    adapter_dir = train_lora(cfg, progress=not args.quiet, restart=args.restart)
     report = json.loads((adapter_dir.parent / "train_report.json").read_text())
     run = report["run"]
     print(f"adapter: {adapter_dir}")
@@ -247,12 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dry_run", action="store_true",
                    help="print the plan (layer maps, groups, tokens, params, memory) and exit")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--restart", action="store_true",
+                   help="delete this task's checkpoints and metrics and start from step 0")
     f.set_defaults(func=cmd_fuse)
 
     t = sub.add_parser("train-lora", help="train a PEFT-compatible LoRA expert in JAX")
     t.add_argument("--config", required=True,
                    help="config file: FILE.py, or hfjax:train_lora (the shipped defaults)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--restart", action="store_true",
+                   help="delete this task's checkpoints and metrics and start from step 0")
     t.set_defaults(func=cmd_train_lora)
 
     e = sub.add_parser("eval", help="greedy generation + UIE/classification metrics")
@@ -318,16 +342,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hfjax: interrupted (the latest checkpoint is kept; rerun to resume)",
               file=sys.stderr)
-        return 130
-    except ValueError as e:  # AdapterError, ConfigError, DataError, FusionError, ...
-        print(f"hfjax: error: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UserError as e:  # AdapterError, ConfigError, DataError, FusionError, ...
+        print(f"hfjax: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except FileNotFoundError as e:
-        print(f"hfjax: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError as e:
-        print(f"hfjax: run failed: {e}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+    except EnvironmentFailure as e:
+        print(f"hfjax: environment: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except RunDiverged as e:
+        print(f"hfjax: run diverged: {_one_line(e)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except OSError as e:
+        if e.errno not in _ENV_ERRNOS:
+            return _bug()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"hfjax: environment: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: say so, with the traceback
+        code = machine_error(e)  # a library's wrapped disk-full / permission error
+        if code is None:
+            return _bug()
+        print(f"hfjax: environment: {os.strerror(code)} ({_one_line(e)[:300]})",
+              file=sys.stderr)
+        return EXIT_ENVIRONMENT
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")[0].split()) if str(e) else type(e).__name__
+
+
+def _bug() -> int:
+    traceback.print_exc()
+    print("hfjax: internal error (a bug): please report it with the traceback above",
+          file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

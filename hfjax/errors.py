@@ -15,6 +15,8 @@ defines the base class (it sits below `hfjax`), this module re-exports it.
 
 from __future__ import annotations
 
+import errno
+
 from bridge.errors import UserError
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "EnvironmentFailure",
     "RunDiverged",
     "UserError",
+    "machine_error",
 ]
 
 EXIT_BUG = 1
@@ -41,3 +44,26 @@ class EnvironmentFailure(RuntimeError):
 
 class RunDiverged(RuntimeError):
     """A training run stopped on a non-finite loss or non-finite parameters."""
+
+
+# What orbax/tensorstore say (in a ValueError's text) when the machine refuses a write.
+_MACHINE_ERRORS = {errno.ENOSPC: ("No space left on device", "os_error_code='28'"),
+                   errno.EACCES: ("Permission denied", "os_error_code='13'"),
+                   errno.EROFS: ("Read-only file system", "os_error_code='30'"),
+                   errno.EDQUOT: ("Disk quota exceeded", "os_error_code='122'")}
+
+
+def machine_error(e: BaseException) -> int | None:
+    """The errno of a disk-full / permission / read-only failure inside ``e`` (its causes and
+    orbax's wrapped texts included), or None for anything else."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _MACHINE_ERRORS:
+            return e.errno
+        text = str(e)
+        for code, marks in _MACHINE_ERRORS.items():
+            if any(m in text for m in marks):
+                return code
+        e = e.__cause__ or e.__context__
+    return None

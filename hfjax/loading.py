@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bridge.checkpoint import open_checkpoint, save_checkpoint
-from bridge.errors import CheckpointError
+from bridge.errors import CheckpointError, UserError
 from hfjax.models.config import ModelConfig, ModelConfigError
 from hfjax.models.key_tables import (
     IGNORED_HF_SUFFIXES,
@@ -216,16 +216,22 @@ _MALLOC_TRIM: Any = None
 _TRIM_EVERY = 64 * 2**20
 
 
+class TokenizerError(UserError):
+    """The checkpoint's tokenizer files are missing or unreadable."""
+
+
 def load_tokenizer(model_path: str | Path) -> Any:
     """The checkpoint's tokenizer (transformers), or one clear line naming the directory."""
     import transformers
 
     try:
         return transformers.AutoTokenizer.from_pretrained(str(model_path))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+    except (ValueError, KeyError, TypeError, OSError) as e:  # bad or missing files only
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the machine's error (disk, permission), not the checkpoint's
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{model_path}: cannot load the tokenizer ({type(e).__name__}: "
-                         f"{first})") from e
+        raise TokenizerError(f"{model_path}: cannot load the tokenizer ({type(e).__name__}: "
+                             f"{first})") from e
 
 
 def hf_tensors(decoder: Decoder, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:

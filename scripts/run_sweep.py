@@ -16,7 +16,7 @@ Environment (the original runner's switches), each also a flag:
 - ``DRY_RUN=1`` / ``--dry_run``: pass ``--dry_run`` to every run (the CLI validates the config
   and prints its plan, without training). ``--plan`` prints this script's plan and runs nothing.
 - ``SKIP_FINISHED=1`` / ``--skip_finished``: skip an experiment whose last task's
-  ``<output_dir>/<task_name>/merged_lora/adapter_model.safetensors`` exists.
+  ``<output_dir>/<task_name>/COMPLETE.json`` exists (written last, after every output).
 - The sweep stops at the first failure (non-zero exit) unless ``--keep_going``; the exit
   status is 1 when anything failed.
 

@@ -670,6 +670,8 @@ def test_template_resolution_and_export_dir(tmp_path):
     assert hfjax_config.export_dir(cfg) == f"{tmp_path}/out/heterofusion/merged_lora"
     assert not hfjax_config.is_finished(cfg)
     write(Path(hfjax_config.export_dir(cfg)) / "adapter_model.safetensors", "")
+    assert not hfjax_config.is_finished(cfg)  # an export alone may be a killed run's
+    write(Path(hfjax_config.export_dir(cfg)).parent / "COMPLETE.json", "{}")
     assert hfjax_config.is_finished(cfg)
     dumped = json.loads(json.dumps(hfjax_config.config_to_dict(cfg)))
     assert dumped["sources"][1] == {"name": "b", "adapter_path": f"{tmp_path}/src_b"}
@@ -730,6 +732,7 @@ def test_sweep_dry_run(tmp_path, roots):
 def test_sweep_skip_finished(tmp_path, roots):
     done = Path(roots["OUTPUT_ROOT"]) / "paper/sensitivity_alpha/0.1/alpha_sweep/merged_lora"
     write(done / "adapter_model.safetensors", "")
+    write(done.parent / "COMPLETE.json", "{}")  # "finished" is the marker, written last
     proc, specs, _ = run_sweep(tmp_path, *SWEEP, env={"SKIP_FINISHED": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert specs == ["sensitivity_alpha/0.05", "sensitivity_alpha/0.15"]

@@ -132,8 +132,10 @@ def _dataset_found(root: str, name: str) -> bool:
 def run_problems(task_name: Any, output_dir: Any, seed: Any) -> list[str]:
     """The rules of a job's identity fields (shared by the fuse and train-lora jobs)."""
     c = _Checks("")
-    if c.nonempty("task_name", task_name) and any(ch in task_name for ch in "/\\"):
-        c.bad("task_name", task_name, "must not contain path separators")
+    if c.nonempty("task_name", task_name) and (
+            task_name in (".", "..") or any(ch in task_name for ch in "/\\\0")):
+        c.bad("task_name", task_name, "must be a single plain folder name (no path "
+              "separators, not '.' or '..')")
     c.nonempty("output_dir", output_dir)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         c.bad("seed", seed, "must be a non-negative integer")

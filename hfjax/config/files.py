@@ -70,8 +70,11 @@ def export_dir(cfg: Any) -> str:
 
 
 def is_finished(cfg: Any) -> bool:
-    """True when the task's exported ``adapter_model.safetensors`` exists."""
-    return os.path.isfile(os.path.join(export_dir(cfg), EXPORT_FILE))
+    """True when the task's completion marker (``COMPLETE.json``, written after every output
+    is in place) exists; a ``merged_lora/`` alone may be a killed run's."""
+    from hfjax.run_dir import is_complete
+
+    return is_complete(os.path.join(cfg.output_dir, cfg.task_name))
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:

@@ -8,11 +8,27 @@ so the restored tree has exactly its structure, dtypes and shardings.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from hfjax.errors import EnvironmentFailure, machine_error
+
+
+def _guard(directory: Path, what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as e:
+        code = machine_error(e)
+        if code is None:
+            raise
+        raise EnvironmentFailure(f"{directory}: {os.strerror(code)} while {what}; free it "
+                                 "and rerun to resume from the last complete checkpoint"
+                                 ) from e
 
 
 class Checkpointer:
@@ -29,8 +45,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         if self._mngr.latest_step() == step:
             return
-        self._mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        _guard(self.directory, f"writing checkpoint {step}", lambda: self._mngr.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta))))
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restore ``step`` (default: latest) into the structure of ``like``."""
@@ -56,7 +73,7 @@ class Checkpointer:
         return dict(out["meta"] or {})
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        _guard(self.directory, "writing a checkpoint", self._mngr.wait_until_finished)
 
     def close(self) -> None:
         self._mngr.close()

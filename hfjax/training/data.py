@@ -197,14 +197,15 @@ class Example:
 
 
 def _encode_record(record: Mapping[str, Any], tokenizer: Tokenizer, tpl: ChatTemplate,
-                   cutoff_len: int, name: str) -> tuple[Example, bool]:
+                   cutoff_len: int, name: str) -> tuple[Example, int]:
+    """The example and its length before truncation."""
     prompt_ids, response_ids = tpl.encode(tokenizer, user_message(record), record["output"])
+    full = len(prompt_ids) + len(response_ids)
     source_len, target_len = infer_seqlen(len(prompt_ids), len(response_ids), cutoff_len)
-    truncated = source_len + target_len < len(prompt_ids) + len(response_ids)
     prompt_ids, response_ids = prompt_ids[:source_len], response_ids[:target_len]
     input_ids = np.asarray(prompt_ids + response_ids, dtype=np.int32)
     labels = np.asarray([IGNORE_INDEX] * len(prompt_ids) + response_ids, dtype=np.int32)
-    return Example(input_ids=input_ids, labels=labels, source=name), truncated
+    return Example(input_ids=input_ids, labels=labels, source=name), full
 
 
 def encode_example(record: Mapping[str, Any], tokenizer: Tokenizer,
@@ -424,11 +425,19 @@ class ReplaySet:
                 count = replay_count(role.ratio, n_main, len(available))
                 chosen = [available[int(i)] for i in sample_indices(len(available), count,
                                                                      seed, name)]
-            encoded, n_truncated = [], 0
+            encoded, n_truncated, lost = [], 0, []
             for rec in chosen:
-                ex, truncated = _encode_record(rec, tokenizer, tpl, cutoff_len, name)
+                ex, full = _encode_record(rec, tokenizer, tpl, cutoff_len, name)
                 encoded.append(ex)
-                n_truncated += truncated
+                n_truncated += full > len(ex)
+                if not np.any(ex.labels[1:] != IGNORE_INDEX):  # no token left to predict
+                    lost.append(full)
+            if lost:
+                raise DataError(
+                    f"{resolve_dataset(name, data_root)}: {len(lost)} of {len(chosen)} "
+                    f"example(s) lose every response token to truncation at "
+                    f"cutoff_len={cutoff_len} (they need {min(lost)}-{max(lost)} tokens); "
+                    "raise cutoff_len")
             stats[name] = _length_stats(encoded, n_truncated)
             usage[name] = (str(role) if role is not None else "pooled", len(available),
                            len(chosen))

@@ -31,6 +31,7 @@ from flax import linen as nn
 
 from bridge import LoraAdapter, load_adapter, save_adapter
 from hfjax import distributed as dist
+from hfjax import run_dir as rd
 from hfjax import sharding as shd
 from hfjax.atomic import write_json_atomic
 from hfjax.config import FuseJob, as_fuse_job, resolve_template, to_fuse_job
@@ -50,7 +51,8 @@ from hfjax.models.key_tables import logical_axes_tree
 from hfjax.sources import load_sources
 from hfjax.training.accumulation import describe as describe_windows
 from hfjax.training.accumulation import plan_updates
-from hfjax.training.data import ReplaySet, length_buckets, num_batches
+from hfjax.training.data import DataError, ReplaySet, length_buckets, num_batches
+from hfjax.training.fingerprint import fingerprint
 from hfjax.training.fuse_step import FuseStatics, fuse_step, run_networks
 from hfjax.training.fused_export import fused_adapter
 from hfjax.training.loop import LoopSettings, run_loop
@@ -113,7 +115,10 @@ def prepare(cfg: ConfigDict | FuseJob) -> Inputs:
     replay = ReplaySet.load(list(job.data.datasets), job.data.data_root, tokenizer, template,
                             job.data.cutoff_len, roles=job.data.parsed_roles(), seed=job.seed)
     if len(replay) == 0:
-        raise ValueError(f"{job.data.data_root}: the replay set is empty")
+        raise DataError(f"{job.data.data_root}: the replay set is empty")
+    from hfjax.fusion.network import _check_contexts  # the real run's check, for --dry_run too
+
+    _check_contexts(plan, contexts, job.net.max_pos)
     return Inputs(target, sources, names, plan, contexts, model_cfg, replay, tokenizer, template)
 
 
@@ -214,13 +219,43 @@ def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bo
     """
     job = as_fuse_job(cfg, check_paths=not dry_run)
     shd.maybe_initialize_distributed()  # multi-host: a no-op unless the environment asks
-    out_dir = Path(job.run_dir)
-    inp = prepare(job)
+    rd.check_task_name(job.task_name)
+    out_dir = rd.inside(job.output_dir, job.task_name)
     if dry_run:
+        inp = prepare(job)
         text = dry_run_text(job, inp)
         print(text)
         return FusionResult(out_dir, None, {"plan": inp.plan.report()}, 0, 0, [])
+    rd.check_writable(job.output_dir)  # before any heavy work
+    earlier = job.target.from_task
+    if earlier and not rd.is_complete(rd.inside(job.output_dir, earlier)):
+        raise rd.OutputPathError(f"{rd.inside(job.output_dir, earlier)}: task {earlier!r} has "
+                                 f"not finished (no {rd.COMPLETE_FILE}); run it first")
+    inp = prepare(job)
+    if not dist.is_primary():
+        return _run_fusion(job, inp, out_dir, progress=progress, stop_after=stop_after,
+                           base_params=base_params, restart=restart)
+    with rd.TaskLock(out_dir):
+        rd.clean_partial_exports(out_dir)
+        return _run_fusion(job, inp, out_dir, progress=progress, stop_after=stop_after,
+                           base_params=base_params, restart=restart)
 
+
+def fuse_identity(job: FuseJob, steps: int) -> dict[str, Any]:
+    """Everything that determines a fuse run's result (`hfjax.training.fingerprint`)."""
+    from hfjax.training.data import resolve_dataset
+
+    inputs: dict[str, Any] = {"target.adapter": job.target.adapter_path,
+                              "target.model_config": Path(job.target.model_path) / "config.json"}
+    for s in job.sources:
+        inputs[f"source.{s.name}"] = s.adapter_path
+    for name in job.data.datasets:
+        inputs[f"data.{name}"] = resolve_dataset(name, job.data.data_root)
+    return fingerprint(job.to_dict(), inputs, steps=steps)
+
+
+def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
+                stop_after: int | None, base_params: Any, restart: bool) -> FusionResult:
     t0 = time.time()
     tr = job.train
     base_dtype = resolve_dtype(tr.base_dtype)
@@ -268,7 +303,7 @@ def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bo
                             checkpoint_every=tr.checkpoint_every,
                             keep_checkpoints=tr.keep_checkpoints, stop_after=stop_after,
                             restart=restart, desc=f"fuse {job.task_name}")
-    identity = {"task_name": job.task_name, "steps": steps, "seed": job.seed}
+    identity = fuse_identity(job, steps)
     pad_id = pad_id_of(inp.tokenizer)
     buckets = length_buckets(job.data.cutoff_len, job.data.min_bucket)
     batch_sh, rep_sh = shd.batch_sharding(mesh, rules), shd.replicated(mesh)
@@ -303,12 +338,18 @@ def run_fusion(cfg: ConfigDict | FuseJob, *, dry_run: bool = False, progress: bo
         return FusionResult(out_dir, None, {}, res.step, _compiles() - compiles_before,
                             res.history)
 
+    if dist.is_primary():
+        rd.clear_complete(out_dir)  # the outputs are rewritten below; the marker comes last
     adapter_dir, report = export(job, inp, state["params"], frozen, st, out_dir)
     save_networks(state["params"], out_dir)
     report["run"] = {"steps": steps, "compilations": _compiles() - compiles_before,
                      **res.timings(), "wall_seconds": round(time.time() - t0, 3)}
+    report["config"] = job.to_dict()  # the resolved config of this run
     if dist.is_primary():
         write_json_atomic(out_dir / "fusion_report.json", report, default=float)
+        outputs = ["merged_lora", NETS_DIR, "fusion_report.json"]
+        outputs += ["metrics.jsonl"] if (out_dir / "metrics.jsonl").exists() else []
+        rd.mark_complete(out_dir, outputs, {"task_name": job.task_name})
     dist.barrier("fusion-outputs")  # the others return once process 0's files are written
     return FusionResult(out_dir, adapter_dir, report, steps, _compiles() - compiles_before,
                         res.history)
@@ -334,7 +375,7 @@ def reuse_networks(params: Any, earlier_dir: Path) -> Any:
 
     path = (earlier_dir / NETS_DIR).absolute()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no transfer networks to reuse (run the earlier task "
+        raise rd.OutputPathError(f"{path}: no transfer networks to reuse (run the earlier task "
                                 f"{earlier_dir.name!r} first)")
     with ocp.StandardCheckpointer() as ckptr:
         saved = ckptr.restore(path)
@@ -346,7 +387,7 @@ def reuse_networks(params: Any, earlier_dir: Path) -> Any:
         if jax.tree.structure(old) != jax.tree.structure(p) or any(
                 a.shape != b.shape for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(p),
                                                    strict=True)):
-            raise ValueError(f"{path}: network {g!r} has another shape than this task's")
+            raise DataError(f"{path}: network {g!r} has another shape than this task's")
         nets[g] = jax.tree.map(jnp.asarray, old)
     return {**params, "nets": nets}
 

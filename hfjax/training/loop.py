@@ -354,8 +354,10 @@ def run_loop(step_fn: StepFn, state: Any, batches: Callable[[int], Iterable[Any]
     finally:
         bar.close()
         if ckpt is not None:
-            ckpt.wait()
-            ckpt.close()
+            try:
+                ckpt.wait()
+            finally:
+                ckpt.close()
     train_seconds = time.time() - t0
     gaps = np.diff(read_times[1:]) if len(read_times) > 2 else np.array([])
     return LoopResult(

@@ -52,6 +52,7 @@ from bridge import (
     module_rank_scale,
     save_adapter,
 )
+from hfjax import run_dir as rd
 from hfjax.atomic import write_json_atomic
 from hfjax.config import (
     ConfigError,
@@ -66,7 +67,8 @@ from hfjax.errors import RunDiverged
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import module_names
-from hfjax.training.data import ReplaySet, length_buckets, num_batches
+from hfjax.training.data import ReplaySet, length_buckets, num_batches, resolve_dataset
+from hfjax.training.fingerprint import fingerprint
 from hfjax.training.loop import LoopSettings, run_loop
 from hfjax.training.objective import lm_loss
 from hfjax.training.optim import cosine_with_warmup, total_steps
@@ -221,8 +223,28 @@ def train_lora(cfg: ConfigDict | LoraJob, *, progress: bool = True,
             is kept).
     """
     job = as_lora_job(cfg)
+    rd.check_task_name(job.task_name)
+    run_dir = rd.inside(job.output_dir, job.task_name)
+    rd.check_writable(job.output_dir)  # before any heavy work
+    with rd.TaskLock(run_dir):
+        rd.clean_partial_exports(run_dir)
+        return _train_lora(job, run_dir, progress=progress, stop_after=stop_after,
+                           restart=restart)
+
+
+def lora_identity(job: LoraJob, steps: int) -> dict[str, Any]:
+    """Everything that determines a train-lora run's result (`hfjax.training.fingerprint`)."""
+    inputs: dict[str, Any] = {"model_config": Path(job.model_path) / "config.json"}
+    if job.init_adapter:
+        inputs["init_adapter"] = job.init_adapter
+    for name in job.data.datasets:
+        inputs[f"data.{name}"] = resolve_dataset(name, job.data.data_root)
+    return fingerprint(job.to_dict(), inputs, steps=steps)
+
+
+def _train_lora(job: LoraJob, run_dir: Path, *, progress: bool, stop_after: int | None,
+                restart: bool) -> Path:
     t0 = time.time()
-    run_dir = Path(job.output_dir) / job.task_name
     model_cfg = ModelConfig.from_hf(job.model_path, source=str(Path(job.model_path) /
                                                                "config.json"))
     template = resolve_template(job.template, model_cfg.model_type, field="template")
@@ -259,8 +281,7 @@ def train_lora(cfg: ConfigDict | LoraJob, *, progress: bool = True,
                             checkpoint_every=tr.checkpoint_every,
                             keep_checkpoints=tr.keep_checkpoints, stop_after=stop_after,
                             restart=restart, desc=f"train-lora {job.task_name}")
-    identity = {"task_name": job.task_name, "steps": steps, "seed": job.seed,
-                "modules": len(names), "r": rank}
+    identity = {"modules": len(names), "r": rank, **lora_identity(job, steps)}
     pad_id = pad_id_of(tokenizer)
     buckets = length_buckets(job.data.cutoff_len, job.data.min_bucket)
 
@@ -280,6 +301,7 @@ def train_lora(cfg: ConfigDict | LoraJob, *, progress: bool = True,
     if not res.finished:
         return run_dir
 
+    rd.clear_complete(run_dir)  # the outputs are rewritten below; the marker comes last
     adapter = to_lora_adapter(state["params"], ada_cfg)
     adapter_dir = save_adapter(adapter, run_dir / ADAPTER_SUBDIR)
     report = {
@@ -292,4 +314,7 @@ def train_lora(cfg: ConfigDict | LoraJob, *, progress: bool = True,
         "config": job.to_dict(),
     }
     write_json_atomic(run_dir / "train_report.json", report, default=float)
+    outputs = [ADAPTER_SUBDIR, "train_report.json"]
+    outputs += ["metrics.jsonl"] if (run_dir / "metrics.jsonl").exists() else []
+    rd.mark_complete(run_dir, outputs, {"task_name": job.task_name})
     return adapter_dir
