@@ -97,8 +97,8 @@ def _shape_only_lora(model: dict[str, Any], r: int, modules: tuple[str, ...] | N
 
 def case_setting(case: AotCase) -> tuple[Any, Any, Any]:
     """``(cfg, model_cfg, plan)`` for a case (the paper setting at ``case.layers`` layers)."""
-    from configs.fuse import get_config
     from hfjax import memory
+    from hfjax.configs.fuse import get_config
     from hfjax.fusion import build_plan
     from hfjax.models.config import ModelConfig
 

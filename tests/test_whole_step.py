@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from bridge import load_adapter
+from hfjax.config.components import OptimizerConfig, RDMConfig, TransferNetConfig
 from hfjax.fusion import (
     build_contexts,
     build_plan,
@@ -200,11 +201,15 @@ def hfjax_run(setup):
     s = setup
     plan = s["plan"]
     model_cfg = ModelConfig.from_hf(s["base"])
-    st = FuseStatics(plan=plan, model=model_cfg, embed_dim=E, num_heads=H, max_pos=MAX_POS,
-                     mu_gate=MU, gate="svd", lambda_reg=LAMBDA, mu_target=0.0,
-                     sigma_target=1.0, num_projections=K, activation="relu", sort="auto",
-                     optim=(("lr", LR), ("steps", T), ("warmup_ratio", WARMUP), ("b1", 0.9),
-                            ("b2", 0.999), ("eps", EPS), ("weight_decay", WD)))
+    st = FuseStatics(
+        plan=plan, model=model_cfg,
+        net=TransferNetConfig(embed_dim=E, num_heads=H, max_pos=MAX_POS, mu_gate=MU,
+                              gate="svd"),
+        rdm=RDMConfig(lambda_reg=LAMBDA, mu_target=0.0, sigma_target=1.0, num_projections=K,
+                      activation="relu", sort="auto"),
+        optim=OptimizerConfig(lr=LR, warmup_ratio=WARMUP, b1=0.9, b2=0.999, eps=EPS,
+                              weight_decay=WD),
+        steps=T)
     frozen = {"base": hfjax.from_pretrained(s["base"], dtype="float32").params,
               "adapter": s["target"].to_jax(jnp.float32),
               "contexts": jax.tree.map(jnp.asarray, s["ctx"])}

@@ -54,7 +54,7 @@ def dry_run_listing(st: Any, plan: Sequence[Unit], skipped: Mapping[str, str]) -
     from hfjax.loading import load_tokenizer
     from hfjax.models.config import ModelConfig
     from hfjax.training.data import ReplaySet, load_alpaca, num_batches
-    from hfjax.training.fuse_loop import resolve_template
+    from hfjax.config import resolve_template
     from hfjax.training.optim import total_steps
 
     cfg = st.cfg
@@ -62,7 +62,8 @@ def dry_run_listing(st: Any, plan: Sequence[Unit], skipped: Mapping[str, str]) -
                                     source=str(Path(cfg.target.model_path) / "config.json"))
     tok = load_tokenizer(cfg.target.model_path)
     replay = ReplaySet.load(list(cfg.data.datasets), cfg.data.data_root, tok,
-                            resolve_template(cfg, model_cfg), cfg.data.cutoff_len,
+                            resolve_template(cfg.target.template, model_cfg.model_type),
+                            cfg.data.cutoff_len,
                             roles=tuple(cfg.data.get("roles", ())), seed=cfg.seed)
     tr = cfg.train
     n_b = num_batches(len(replay), tr.batch_size)
