@@ -51,10 +51,10 @@ def dry_run_listing(st: Any, plan: Sequence[Unit], skipped: Mapping[str, str]) -
     """Every run of the plan with its cost: optimizer updates, training tokens (the replay's
     tokens times the epochs run), generated tokens (at most), and seconds where a rate is
     known (from finished runs of this study folder)."""
+    from hfjax.config import resolve_template
     from hfjax.loading import load_tokenizer
     from hfjax.models.config import ModelConfig
     from hfjax.training.data import ReplaySet, load_alpaca, num_batches
-    from hfjax.config import resolve_template
     from hfjax.training.optim import total_steps
 
     cfg = st.cfg
