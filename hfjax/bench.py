@@ -37,7 +37,7 @@ one warm-up call. The worker never calls a numpy matmul (OpenBLAS is pinned to o
 anyway), and both sides allocate through the same glibc malloc, run with
 ``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` so that big tensors do not
 page-fault on every step (``--allocator default`` turns that off). Peak RSS comes from
-separate one-implementation workers (``ru_maxrss``; compilation included for JAX).
+separate one-implementation workers (``VmHWM``; compilation included for JAX).
 
 **FLOPs** are counted analytically, ``2·m·n·k`` per matmul: the transfer network as the
 original computes it (every target token decoded; the fast path skips some of that, so its
@@ -56,7 +56,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -440,7 +439,7 @@ class TorchSide:
 
 # ----------------------------------------------------------------------------- workers
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return machine.peak_rss_mb()  # VmHWM: ru_maxrss would carry this parent's peak into the worker
 
 
 def _current_rss_mb() -> float:

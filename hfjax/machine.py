@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
+import sys
 from pathlib import Path
 
 
@@ -30,3 +32,20 @@ def describe() -> str:
 
     return (f"{cpu_model()}, {os.cpu_count()} CPUs ({platform.machine()}); "
             f"jax {jax.__version__} on {jax.default_backend()}")
+
+
+def peak_rss_mb(status: Path = Path("/proc/self/status")) -> float:
+    """This process's own peak resident set size so far, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``. Not ``ru_maxrss``: Linux carries it over
+    ``execve``, so a worker started by a large parent would report the parent's peak.
+    Elsewhere: ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / 1024 if sys.platform != "darwin" else kib / 2**20, 1)

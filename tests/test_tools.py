@@ -377,17 +377,20 @@ def test_both_tools_stream_tensor_by_tensor(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 _MEASURE = """
-import json, resource, sys, time
+import json, sys, time
 from hfjax.models.config import ModelConfig
 from hfjax.tools import merge_full
 
+def hwm():  # this process's peak RSS in KiB; ru_maxrss would carry the parent's over exec
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+
 ModelConfig.from_hf(sys.argv[1])  # imports transformers' config classes before measuring
-hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])  # peak so far
+before = hwm()
 t = time.perf_counter()
 merge_full(sys.argv[1], sys.argv[2], sys.argv[3])
 sec = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": sec, "peak_rss_kb": peak, "rss_before_kb": hwm}))
+peak = hwm()
+print(json.dumps({"seconds": sec, "peak_rss_kb": peak, "rss_before_kb": before}))
 """
 
 

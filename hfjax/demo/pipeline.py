@@ -48,6 +48,7 @@ from typing import Any
 
 from hfjax.atomic import write_json_atomic
 from hfjax.demo.pretrain import PretrainConfig
+from hfjax.machine import peak_rss_mb
 from hfjax.testing.models import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
 
 __all__ = ["DEFAULT", "FAST", "STAGES", "DemoSizes", "run_demo"]
@@ -175,12 +176,6 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process so far (all threads)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / 1024 if sys.platform != "darwin" else kib / 2**20, 1)
 
 
 def _write_json(path: Path, data: Any) -> None:

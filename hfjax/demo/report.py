@@ -418,7 +418,7 @@ def write_report(out: Path, work: Path, sizes: Any,
                      f"to {check['adapter_effect']:.2f}, so it did load.")
     src_desc = "; ".join(f"{_FAMILY[f]}: {', '.join(ts)}" for f, ts in sizes.source_tasks.items())
     peak = max(m["peak_rss_mb"] for m in markers.values())
-    rss_note = ("peak RSS is the whole process's high-water mark (`ru_maxrss`) as it stood "
+    rss_note = ("peak RSS is the whole process's high-water mark (`VmHWM`) as it stood "
                 "at the end of each stage; the demo runs in one process")
 
     md = [
