@@ -554,22 +554,22 @@ def make_task(name: str, n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def make_splits(
-    name: str, *, n_train: int, n_replay: int, n_test: int, seed: int
+    name: str, *, n_train: int, n_replay: int, n_test: int, seed: int, n_val: int = 0
 ) -> dict[str, list[dict[str, Any]]]:
-    """Train/replay/test splits of task ``name``, disjoint by ``input`` text.
+    """Train/replay/test (and, with ``n_val``, val) splits of task ``name``, disjoint by
+    ``input`` text.
 
-    Drawn from one deduplicated stream in the order test, replay, train, so the test (and
-    replay) sets for a seed do not change when ``n_train`` changes.
+    Drawn from one deduplicated stream in the order test, val, replay, train, so the test
+    (and val, replay) sets for a seed do not change when ``n_train`` changes, and
+    ``n_val=0`` gives the splits of earlier versions (no ``"val"`` key). The val split is
+    where settings are chosen; the test split is scored once.
     """
-    recs = make_task(name, n_test + n_replay + n_train, seed)
-    splits = {
-        "test": recs[:n_test],
-        "replay": recs[n_test : n_test + n_replay],
-        "train": recs[n_test + n_replay :],
-    }
+    recs = make_task(name, n_test + n_val + n_replay + n_train, seed)
+    a, b, c = n_test, n_test + n_val, n_test + n_val + n_replay
+    splits = {"test": recs[:a], "val": recs[a:b], "replay": recs[b:c], "train": recs[c:]}
     inputs = [r["input"] for s in splits.values() for r in s]
     assert len(set(inputs)) == len(inputs), "splits overlap"
-    return {k: splits[k] for k in SPLITS}
+    return {k: splits[k] for k in (*SPLITS, "val") if k != "val" or n_val}
 
 
 def write_task_files(
@@ -622,26 +622,80 @@ _GENERIC_TEMPLATES = (
 _GENERIC_LABELS = {k: k for k in _SAMPLERS}
 
 
+_COPY_SLOTS = ("person", "org", "city", "country", "product", "team", "band", "title", "lperson",
+               "character", "color", "brand", "model", "speed", "year", "genre", "event")
+
+
+def _copy_document(rng: random.Random, specs: Sequence[TaskSpec],
+                   exclude_inputs: Collection[str]) -> str | None:
+    """One copy-heavy document: sentences, then a verbatim repeat or a list of their spans.
+
+    ``"<s1> <s2> || <s1> <s2>"`` (the text again) or ``"<s1> <s2>\nMentions: a, b, c"``
+    (every slot value in order of appearance, without labels): next-token prediction on these
+    rewards attending back to an earlier occurrence and copying it, the skill exact-span
+    extraction needs and a few hundred steps of plain text do not teach a tiny model. No task
+    label or answer format appears, so no task is taught here.
+    """
+    texts: list[str] = []
+    spans: list[str] = []
+    for _ in range(rng.randint(1, 3)):
+        if rng.random() < 0.5:
+            text, filled = _fill(rng.choice(_GENERIC_TEMPLATES), rng, _GENERIC_LABELS)
+            values = [v for _, _, v in filled]
+        else:
+            spec = rng.choice(specs)
+            template = rng.choice(spec.templates)
+            text_t = template[0] if spec.kind == "re" else template
+            text, filled = _fill(text_t, rng, spec.slot_labels)
+            values = [v for _, _, v in filled]
+        if text in exclude_inputs:
+            return None
+        texts.append(text)
+        spans.extend(values)
+    body = " ".join(texts)
+    kind = rng.randrange(3)
+    if kind == 0 or not spans:
+        return f"{body} || {body}"
+    if kind == 1:
+        return f"{body}\nMentions: {', '.join(spans)}"
+    # Names in a random order, repeated: only copying predicts the second half.
+    pool = [_SAMPLERS[slot](rng) for slot in rng.choices(_COPY_SLOTS, k=rng.randint(4, 10))]
+    seq = " ".join(pool)
+    return f"{seq} || {seq}"
+
+
 def pretraining_corpus(
     n_docs: int,
     seed: int,
     *,
     task_fraction: float = 0.2,
+    copy_fraction: float = 0.0,
     exclude_inputs: Collection[str] = (),
 ) -> list[str]:
     """Generic synthetic text to briefly pretrain the tiny base models (and train tokenizers).
 
     Each document is either 2-6 sentences drawn from generic templates and from the task text
     generators (same vocabularies as the tasks), or, with probability ``task_fraction``, a
-    formatted task example (:func:`format_example`) of a random task. Sentences or examples
-    whose text is in ``exclude_inputs`` (e.g. the test inputs) are skipped. Deterministic in
-    ``(n_docs, seed, task_fraction)`` and ``exclude_inputs``.
+    formatted task example (:func:`format_example`) of a random task, or, with probability
+    ``copy_fraction``, a copy-heavy document (a verbatim repeat or a list of the sentences'
+    spans; see ``_copy_document``). Sentences or examples whose text is in
+    ``exclude_inputs`` (e.g. the test inputs) are skipped. Deterministic in ``(n_docs, seed,
+    task_fraction, copy_fraction)`` and ``exclude_inputs``; ``copy_fraction=0`` gives exactly
+    the corpus of earlier versions.
     """
+    if not 0.0 <= task_fraction + copy_fraction <= 1.0 or min(task_fraction, copy_fraction) < 0:
+        raise ValueError(f"task_fraction {task_fraction} + copy_fraction {copy_fraction} must "
+                         "be fractions summing to at most 1")
     rng = _rng("pretrain", seed)
     specs = [TASKS[k] for k in sorted(TASKS)]
     docs: list[str] = []
     while len(docs) < n_docs:
-        if rng.random() < task_fraction:
+        if copy_fraction and rng.random() < copy_fraction:
+            doc = _copy_document(rng, specs, exclude_inputs)
+            if doc is not None:
+                docs.append(doc)
+            continue
+        if rng.random() < task_fraction / (1.0 - copy_fraction):
             rec = rng.choice(specs).sample(rng)
             if rec["input"] in exclude_inputs:
                 continue
