@@ -128,13 +128,13 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from hfjax.demo.pipeline import run_demo
-    from hfjax.demo.report import markdown_table
 
     summary = run_demo(args.out, fast=bool(args.fast), progress=not args.quiet)
-    print(markdown_table(summary["table"]))
-    print()
-    print(markdown_table(summary["type_table"]))
-    print(f"\nreport: {summary['report']}")
+    text = Path(summary["report"]).read_text(encoding="utf-8")
+    # The experts' ceiling, the study's tables and the verdicts; the rest stays in the file.
+    start = text.index("## Experts on their own tasks")
+    print(text[start:text.index("## Fusion", start)].rstrip())
+    print(f"\nreport: {summary['report']}  (study: {Path(summary['out_dir']) / 'study'})")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""`hfjax demo` end to end at fast sizes: every stage real, the report built from real runs,
-and a second call served entirely from the stage cache."""
+"""`hfjax demo` end to end at fast sizes: every stage real (the study included), the report
+built from real runs, and a second call served entirely from the stage cache."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 
 from bridge import load_adapter
 from hfjax import machine
-from hfjax.demo.pipeline import FAST, FUSION_VARIANTS, STAGES, run_demo
-from hfjax.demo.report import ROW_LABELS
+from hfjax.demo.pipeline import FAST, STAGES, run_demo
+from hfjax.demo.report import HYPOTHESES
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]
     return out, run_demo(out, fast=True, progress=False)
 
 
-def _report_table(report: str) -> tuple[list[str], dict[str, list[str]]]:
-    """The first Markdown table after '## Results': its columns and its rows' cells."""
-    table: list[str] = []
-    for line in report.split("## Results", 1)[1].splitlines():
-        if line.startswith("|"):
-            table.append(line)
-        elif table:
+def _report_table(report: str, title: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The Markdown table whose header starts with ``| title``: its columns and rows' cells."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {title}"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
             break
+        table.append(line)
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
     header, body = cells[0], cells[2:]
     return header[1:], {row[0]: row[1:] for row in body}
@@ -44,40 +45,76 @@ def test_every_stage_ran(demo: tuple[Path, dict[str, Any]]) -> None:
         marker = json.loads((out / f"{stage}.done").read_text())
         assert marker["stage"] == stage and marker["seconds"] >= 0 and marker["peak_rss_mb"] > 0
         assert (out / stage).is_dir() and not (out / f".{stage}.partial").exists()
+    for task in FAST.tasks:  # the val split exists and is disjoint from test
+        val = json.loads((out / "data" / f"{task}_val.json").read_text())
+        test = json.loads((out / "data" / f"{task}_test.json").read_text())
+        assert len(val) == FAST.n_val and not {r["input"] for r in val} & {r["input"] for r in test}
     for fam in ("llama", "qwen2", "mistral"):  # HF checkpoint dirs with their tokenizers
         assert (out / "models" / fam / "config.json").exists()
         assert (out / "models" / fam / "tokenizer.json").exists()
     models = json.loads((out / "models.done").read_text())["info"]
     for fam, info in models.items():  # briefly pretrained, not random
         assert info["loss_last"] < info["loss_first"], fam
+        assert info["copy_warmup_steps"] == FAST.copy_warmup_steps[fam]
     for fam, task in FAST.experts:
         assert (out / "experts" / f"{fam}_{task}" / "adapter" / "adapter_config.json").exists()
+        for split in ("val", "test"):  # scored on its own base, from real generations
+            score = summary["experts"][f"{fam}_{task}"][split]
+            assert 0.0 <= score["f1"] <= 1.0 and 0.0 <= score["type_f1"] <= 1.0
+            preds = out / "experts" / f"{fam}_{task}" / "eval" / split / "predictions.jsonl"
+            assert len(preds.read_text().splitlines()) == getattr(FAST, f"n_{split}")
     assert len(FAST.experts) - 1 >= 3 and len(FAST.tasks) >= 4
 
 
-def test_report_table_is_populated_from_real_runs(demo: tuple[Path, dict[str, Any]]) -> None:
+def test_the_study_ran_every_row_at_every_seed(demo: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = demo
+    study = summary["study"]
+    assert sorted(study["rows"]) == sorted(FAST.study_rows) and not study["skipped"]
+    for name, row in study["rows"].items():
+        seeded = name in ("fused", "noise_sources", "tuned_target")
+        assert row["seeds"] == (list(FAST.seeds) if seeded else [None]), name
+        for preds in row["predictions"].values():  # every task of every seed was generated
+            assert sorted(preds) == sorted(FAST.tasks)
+            for task, file in preds.items():
+                lines = (out / "study" / file).read_text().splitlines()
+                assert len(lines) == FAST.n_test, (name, task)
+    adapters = {r: {s: load_adapter(out / "study" / p) for s, p in row["adapters"].items()}
+                for r, row in study["rows"].items() if r in ("fused", "noise_sources")}
+    fused = {s: adapters["fused"][str(s)] for s in FAST.seeds}
+    noise = adapters["noise_sources"][str(FAST.seeds[0])]
+    a, b = fused[FAST.seeds[0]], fused[FAST.seeds[1]]
+    assert any(float(np.abs(a.modules[n].B - b.modules[n].B).max()) > 0 for n in a.modules)
+    assert any(float(np.abs(a.modules[n].B - noise.modules[n].B).max()) > 0 for n in a.modules)
+    tuned = study["rows"]["tuned_target"]["train"]
+    for s in FAST.seeds:  # the tuned target made the fused run's updates on its replay
+        assert tuned[str(s)]["steps"] == study["rows"]["fused"]["train"][str(s)]["steps"]
+        assert tuned[str(s)]["replay"] == study["rows"]["fused"]["train"][str(s)]["replay"]
+
+
+def test_report_states_hypotheses_then_verdicts_from_real_runs(
+        demo: tuple[Path, dict[str, Any]]) -> None:
     out, summary = demo
     report = (out / "report" / "report.md").read_text()
-    columns, rows = _report_table(report)
-    assert columns == [*FAST.tasks, "avg"]
-    variants = [r for r in rows if not r.startswith("*")]
-    assert variants == list(ROW_LABELS.values())  # one row per variant, in order
-    assert any(r.startswith("*notes") for r in rows)
-    results = json.loads((out / "eval" / "results.json").read_text())
-    for key, label in ROW_LABELS.items():
-        for col, cell in zip(columns, rows[label], strict=True):
-            value = float(cell)
-            assert 0.0 <= value <= 100.0, (label, col, cell)
-            if col != "avg":
-                assert value == pytest.approx(100 * results[key][col]["f1"], abs=0.051)
-                assert 0.0 <= results[key][col]["exact_match"] <= 1.0
-        assert rows[label] == [f"{summary['table']['rows'][label][c]:.1f}" for c in columns]
-    for variant in ("target", *FUSION_VARIANTS):  # predictions come from real generation
-        for task in FAST.tasks:
-            preds = (out / "eval" / variant / task / "predictions.jsonl").read_text().splitlines()
-            assert len(preds) == FAST.n_test
-    assert "### What the numbers show" in report and "Peak RSS" in report
-    assert f"Machine: {machine.describe()}." in report  # the figures name their machine
+    assert HYPOTHESES in report  # the pre-registered text, unchanged
+    assert report.index("## Hypotheses") < report.index("## Study") < report.index("## Verdicts")
+    sources = [t for t in FAST.tasks if t != FAST.target_task]
+    columns, rows = _report_table(report, "exact micro F1 x100")
+    assert columns == ["seeds", *FAST.tasks, "source avg"]
+    assert list(rows) == [r["label"] for r in summary["study"]["rows"].values()]
+    for label, cells in rows.items():
+        row = next(r for r in summary["study"]["rows"].values() if r["label"] == label)
+        for task, cell in zip(FAST.tasks, cells[1:], strict=False):
+            assert float(cell.split()[0]) == pytest.approx(
+                row["scores"]["f1"][task]["value"], abs=0.051)
+    comps = summary["comparisons"]
+    assert {(c["a"], c["b"]) for c in comps} == {
+        ("fused", "target"), ("fused", "noise_sources"), ("fused", "tuned_target")}
+    for c in comps:
+        assert sorted(c["per_task"]) == sorted(sources) and c["verdict"] in report
+        assert c["avg"]["lo"] <= c["avg"]["diff"] <= c["avg"]["hi"]
+    _, experts = _report_table(report, "expert (own base, own task)")
+    assert len(experts) == len(FAST.experts)
+    assert "Peak RSS" in report and f"Machine: {machine.describe()}." in report
 
 
 def test_plots_exist(demo: tuple[Path, dict[str, Any]]) -> None:
@@ -87,14 +124,15 @@ def test_plots_exist(demo: tuple[Path, dict[str, Any]]) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
 
-def test_fused_adapter_loads_and_differs(demo: tuple[Path, dict[str, Any]]) -> None:
-    out, _ = demo
-    fused = load_adapter(out / "fusion" / "fused" / "merged_lora")
+def test_fused_adapter_loads_in_peft_and_differs(demo: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = demo
+    fused = load_adapter(out / "study" / summary["study"]["rows"]["fused"]["adapters"][
+        str(FAST.seeds[0])])
     target = load_adapter(out / "experts" / f"llama_{FAST.target_task}" / "adapter")
     assert list(fused.modules) == list(target.modules)
     assert max(float(np.abs(fused.modules[n].B - m.B).max())
                for n, m in target.modules.items()) > 0
-    check = json.loads((out / "fusion.done").read_text())["info"]["peft_check"]
+    check = json.loads((out / "study" / "peft_check.json").read_text())
     if "skipped" not in check:
         assert check["max_abs_diff"] <= 1e-4 < check["adapter_effect"]
 
@@ -104,23 +142,24 @@ def test_second_call_skips_every_stage(demo: tuple[Path, dict[str, Any]]) -> Non
     t0 = time.time()
     second = run_demo(out, fast=True, progress=False)
     assert all(second["stages"][s]["skipped"] for s in STAGES)
-    assert second["table"] == first["table"]
+    assert second["comparisons"] == first["comparisons"]
     assert time.time() - t0 < 30
 
 
-def test_interrupted_stage_resumes_at_its_first_unfinished_unit(
+def test_interrupted_study_resumes_at_its_first_unfinished_run(
         demo: tuple[Path, dict[str, Any]]) -> None:
     out, first = demo
-    marker = json.loads((out / "eval.done").read_text())
-    partial = out / ".eval.partial"  # as an interruption during the eval stage leaves it
-    (out / "eval").rename(partial)
+    marker = json.loads((out / "study.done").read_text())
+    partial = out / ".study.partial"  # as an interruption during the study stage leaves it
+    (out / "study").rename(partial)
     (partial / ".key.json").write_text(json.dumps(marker["key"]))
-    (out / "eval.done").unlink()
-    (partial / "results.json").unlink()
-    units = sorted((partial / ".units").glob("*.json"))
-    units[-1].unlink()  # the evaluation that was running
+    (out / "study.done").unlink()
+    last = partial / "runs" / "tuned_target" / f"seed{FAST.seeds[-1]}" / "unit.json"
+    last.unlink()  # the run that was in progress
     again = run_demo(out, fast=True, progress=False)
-    assert not again["stages"]["eval"]["skipped"] and not again["stages"]["report"]["skipped"]
-    assert all(again["stages"][s]["skipped"] for s in ("data", "models", "experts", "fusion"))
-    assert again["table"] == first["table"]
-    assert len(list((out / "eval" / ".units").glob("*.json"))) == len(units)
+    assert not again["stages"]["study"]["skipped"] and not again["stages"]["report"]["skipped"]
+    assert all(again["stages"][s]["skipped"] for s in ("data", "models", "experts"))
+    assert again["study"]["rows"]["fused"]["scores"] == first["study"]["rows"]["fused"]["scores"]
+    runs = again["study"]["runs"]
+    assert [k for k, r in runs.items() if not r["resumed"]] == [
+        f"tuned_target/seed{FAST.seeds[-1]}"]

@@ -64,7 +64,7 @@ def test_fast_study_runs_every_row(setup, study):
                          else list(SEEDS)), name
         for per_task in row["predictions"].values():
             assert all(json.loads(line) for line in
-                       open(per_task["movie"]).read().splitlines())
+                       open(out / per_task["movie"]).read().splitlines())
         avg = row["scores"]["f1"]["avg"]
         assert avg["lo"] <= avg["value"] <= avg["hi"]
     pairs = {(c["a"], c["b"]) for c in s["comparisons"]}
@@ -73,15 +73,15 @@ def test_fast_study_runs_every_row(setup, study):
     md = (out / "study.md").read_text()
     assert "## Verdicts" in md and "type-only micro F1" in md and "hierarchical" in md
     assert s["rows"]["fused"]["adapters"]["0"] != s["rows"]["zero_sources"]["adapters"]["0"]
-    fused = load_adapter(s["rows"]["fused"]["adapters"]["0"]).modules
-    zero = load_adapter(s["rows"]["zero_sources"]["adapters"]["0"]).modules
+    fused = load_adapter(out / s["rows"]["fused"]["adapters"]["0"]).modules
+    zero = load_adapter(out / s["rows"]["zero_sources"]["adapters"]["0"]).modules
     assert any(not np.allclose(fused[n].B, zero[n].B) for n in fused)  # the control differs
     assert json.loads((out / "study.json").read_text())["comparisons"]
 
 
 def test_tuned_target_uses_fused_replay_and_steps(setup, study):
     zoo, cfg, _ = setup
-    _, s = study
+    out, s = study
     target = load_adapter(zoo["target_adapter"])
     for seed in map(str, SEEDS):
         fused, tuned = s["rows"]["fused"]["train"][seed], s["rows"]["tuned_target"]["train"][seed]
@@ -89,7 +89,7 @@ def test_tuned_target_uses_fused_replay_and_steps(setup, study):
         assert tuned["replay"] == fused["replay"]
         assert tuned["replay"]["datasets"] == list(cfg.data.datasets)
         assert tuned["init_adapter"] == str(zoo["target_adapter"])
-        ada = load_adapter(s["rows"]["tuned_target"]["adapters"][seed])
+        ada = load_adapter(out / s["rows"]["tuned_target"]["adapters"][seed])
         for name, m in target.modules.items():  # started from the target, then moved a bit
             diff = np.abs(ada.modules[name].B - m.B).max()
             assert 0 < diff < np.abs(m.B).max(), name

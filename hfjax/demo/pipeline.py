@@ -1,22 +1,24 @@
-"""`hfjax demo`: the whole HeteroFusion job on a synthetic heterogeneous zoo, in minutes on a CPU.
+"""`hfjax demo`: the whole HeteroFusion job on a synthetic heterogeneous zoo, and the study that
+says whether fusion transferred anything, in minutes on a CPU.
 
 No 8B checkpoints needed: everything is built here, each stage for real::
 
-    data     5 synthetic UIE-style tasks (train / replay / test)      hfjax.testing.tasks
+    data     5 synthetic UIE-style tasks (train / val / replay / test)   hfjax.testing.tasks
     models   3 tokenizers + 3 briefly pretrained base models           hfjax.demo.pretrain
              Llama (target) 4x64 GQA 4/2, Qwen2 3x48 GQA 4/1 + biases,
-             Mistral 5x40 MHA + sliding window, each its own vocabulary
+             Mistral 5x40 MHA + sliding window, each its own vocabulary;
+             the corpus mixes copy-heavy documents in, and a copy warm-up
+             can precede it (tiny models do not learn to copy spans otherwise)
     experts  LoRA experts: Llama on movie (the target); Qwen2 on news    hfjax.training.lora_train
-             and relation, Mistral on typing and vehicle (the sources)
-    fusion   HeteroFusion of the 4 sources into the Llama LoRA, with     hfjax.training.fuse_loop
-             replay = every task's replay split; plus two ablations:
-             zero sources, and no denoising (open gate, lambda_reg 0);
-             the fused adapter is checked against PEFT when torch is there
-    eval     greedy generation on every involved task's test split:    hfjax.eval.run
-             base, target only, each expert on its own base (ceiling),
-             fused, both ablations; micro F1 (exact tuples) and
-             type-only F1 (labels right, spans ignored)
-    report   report.md + training-curve and source-attention PNGs      hfjax.demo.report
+             and relation, Mistral on typing and vehicle (the sources);
+             each scored on its own base, on its task's val and test split
+    study    `hfjax study` on the fused config: the target base, the     hfjax.study
+             target LoRA, HeteroFusion, its controls (zero / noise /
+             mismatched sources) and the target LoRA tuned on the same
+             replay with the same updates, at every training seed; the
+             fused adapter is checked against PEFT when torch is there
+    report   report.md: the pre-registered hypotheses, the study's table  hfjax.demo.report
+             and verdicts on the source tasks, training curves, alphas
 
 ``run_demo(out_dir)`` runs the stages in order. Each stage works in a hidden
 ``.<stage>.partial/`` folder, renames it to ``<stage>/`` when done and then writes
@@ -24,12 +26,11 @@ No 8B checkpoints needed: everything is built here, each stage for real::
 wall and CPU time, the machine's load average, peak RSS). A rerun skips every stage whose
 marker matches and says so; a stage whose parameters changed (or whose output is missing)
 reruns, and so does everything after it. An interrupted stage resumes at its first
-unfinished unit (a base model, an expert, a fusion variant, an evaluation).
+unfinished unit (a base model, an expert, a study run).
 
-``fast=True`` shrinks every size (4 tasks, fewer steps, shorter answers) so the whole job
-takes a minute or two; every stage still runs for real. The default sizes take a few
-minutes on a 2-core CPU (docs/performance.md §8; the report's time table records each
-stage's wall and CPU time and the load average).
+Settings were chosen on the val split (the experts' exact F1); the test split is what the
+study scores. ``fast=True`` shrinks every size so the whole job takes a few minutes; every
+stage still runs for real.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ from hfjax.testing.models import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
 
 __all__ = ["DEFAULT", "FAST", "STAGES", "DemoSizes", "run_demo"]
 
-STAGES: tuple[str, ...] = ("data", "models", "experts", "fusion", "eval", "report")
+STAGES: tuple[str, ...] = ("data", "models", "experts", "study", "report")
 #: Bumped when a stage's outputs change meaning, so old caches are not reused.
-_VERSION = 1
+_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +67,13 @@ class DemoSizes:
         name: ``"default"`` or ``"fast"`` (shown in the report).
         target_task: The Llama target expert's task.
         source_tasks: Source family -> its experts' tasks (config order = source order).
-        n_train / n_replay / n_test: Records per task and split.
+        n_train / n_val / n_replay / n_test: Records per task and split (val: where settings
+            are chosen; test: scored by the study).
         data_seed: Seed of the synthetic tasks.
         corpus_docs: Documents of pretraining text (also trains the tokenizers).
+        copy_fraction: Share of copy-heavy pretraining documents (`pretraining_corpus`).
+        copy_warmup_steps / copy_warmup_lr: Steps (per family) and lr of a first pretraining
+            phase on repeated random token strings (`copy_rows`), before the corpus; 0: none.
         shapes: Model shape per family (depth, width, GQA layout; `hfjax.testing.models`).
         vocab_sizes: Tokenizer vocabulary size per family.
         pretrain_steps: Pretraining steps per family.
@@ -81,6 +86,8 @@ class DemoSizes:
         block_size / embed_dim / num_heads / num_projections / max_pos: Transfer networks.
         eval_batch: Prompts per generate call (>= n_test: one call per task).
         max_new_tokens: Generation limit (the longest answers are about 55 tokens).
+        seeds: Training seeds of every trained study row (fused, controls, tuned target).
+        study_rows: The study's rows (`hfjax.study.plan.DEFAULT_ROWS` names).
         peft_check: Compare the fused adapter's logits in PEFT with ours (needs torch + peft).
     """
 
@@ -89,10 +96,15 @@ class DemoSizes:
     source_tasks: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: {
         "qwen2": ("news", "relation"), "mistral": ("typing", "vehicle")})
     n_train: int = 320
+    n_val: int = 40
     n_replay: int = 32
     n_test: int = 50
     data_seed: int = 0
     corpus_docs: int = 3000
+    copy_fraction: float = 0.0
+    copy_warmup_steps: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
+        "llama": 0, "qwen2": 0, "mistral": 0})
+    copy_warmup_lr: float = 1.5e-3
     shapes: Mapping[str, FamilyShape] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_SHAPES))
     vocab_sizes: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
@@ -118,6 +130,9 @@ class DemoSizes:
     max_pos: int = 64
     eval_batch: int = 50
     max_new_tokens: int = 56
+    seeds: tuple[int, ...] = (0, 1)
+    study_rows: tuple[str, ...] = ("base", "target", "fused", "zero_sources", "noise_sources",
+                                   "mismatch_sources", "tuned_target")
     peft_check: bool = True
 
     @property
@@ -135,17 +150,19 @@ class DemoSizes:
         """The parameters a stage's output depends on (besides the earlier stages)."""
         d = dataclasses.asdict(self)
         keys = {
-            "data": ("tasks", "n_train", "n_replay", "n_test", "data_seed"),
-            "models": ("corpus_docs", "shapes", "vocab_sizes", "pretrain_steps", "pretrain"),
+            "data": ("tasks", "n_train", "n_val", "n_replay", "n_test", "data_seed"),
+            "models": ("corpus_docs", "copy_fraction", "copy_warmup_steps", "copy_warmup_lr",
+                       "shapes", "vocab_sizes", "pretrain_steps", "pretrain"),
             "experts": ("experts", "cutoff_len", "min_bucket", "lora_r", "lora_targets",
-                        "lora_epochs", "lora_batch", "lora_lr"),
-            "fusion": ("fuse_epochs", "fuse_batch", "fuse_accum", "fuse_lr", "block_size",
-                       "embed_dim", "num_heads", "num_projections", "max_pos", "peft_check"),
-            "eval": ("eval_batch", "max_new_tokens"),
+                        "lora_epochs", "lora_batch", "lora_lr", "eval_batch", "max_new_tokens"),
+            "study": ("fuse_epochs", "fuse_batch", "fuse_accum", "fuse_lr", "block_size",
+                      "embed_dim", "num_heads", "num_projections", "max_pos", "seeds",
+                      "study_rows", "eval_batch", "max_new_tokens", "peft_check"),
             "report": ("name",),
         }[stage]
         extra = {"tasks": self.tasks, "experts": [list(e) for e in self.experts],
-                 "lora_targets": list(self.lora_targets)}
+                 "lora_targets": list(self.lora_targets), "seeds": list(self.seeds),
+                 "study_rows": list(self.study_rows)}
         return {k: extra[k] if k in extra else d[k] for k in keys}
 
 
@@ -156,7 +173,8 @@ DEFAULT = DemoSizes(name="default")
 #: models, LoRA on q/v only (2 fusion groups: less to compile), a few steps per stage.
 FAST = DemoSizes(
     name="fast", source_tasks={"qwen2": ("news", "relation"), "mistral": ("vehicle",)},
-    n_train=64, n_replay=8, n_test=8, corpus_docs=600,
+    n_train=64, n_val=8, n_replay=8, n_test=8, corpus_docs=600, copy_fraction=0.3,
+    copy_warmup_steps={"llama": 10, "qwen2": 0, "mistral": 0},
     shapes={"llama": FamilyShape("llama", 3, 32, 4, 2, 64, 512),
             "qwen2": FamilyShape("qwen2", 2, 24, 2, 1, 48, 640),
             "mistral": FamilyShape("mistral", 4, 32, 4, 4, 64, 448, sliding_window=32)},
@@ -164,7 +182,8 @@ FAST = DemoSizes(
     pretrain_steps={"llama": 40, "qwen2": 40, "mistral": 40},
     pretrain=PretrainConfig(steps=0, batch_size=8, seq_len=64, lr=5e-3),
     lora_targets=("q_proj", "v_proj"), lora_epochs=1, lora_batch=16, fuse_epochs=1,
-    fuse_batch=16, num_projections=32, eval_batch=8, max_new_tokens=24)
+    fuse_batch=16, num_projections=32, eval_batch=8, max_new_tokens=24,
+    study_rows=("base", "target", "fused", "noise_sources", "tuned_target"))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -224,7 +243,7 @@ def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
 
     s = ctx.sizes
     splits = {t: tasks.make_splits(t, n_train=s.n_train, n_replay=s.n_replay, n_test=s.n_test,
-                                   seed=s.data_seed) for t in s.tasks}
+                                   n_val=s.n_val, seed=s.data_seed) for t in s.tasks}
     info = tasks.write_task_files(work, splits)
     _log(f"   wrote {len(info)} datasets: {', '.join(sorted(info))}")
     return {"datasets": sorted(info),
@@ -235,7 +254,7 @@ def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
 def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
     import jax
 
-    from hfjax.demo.pretrain import pack_corpus, pretrain
+    from hfjax.demo.pretrain import copy_rows, pack_corpus, pretrain
     from hfjax.loading import init_params
     from hfjax.testing import tasks
     from hfjax.testing.models import build_base_model, model_config
@@ -244,8 +263,10 @@ def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
 
     s = ctx.sizes
     data = ctx.final("data")
-    held_out = {r["input"] for t in s.tasks for r in load_alpaca(data / f"{t}_test.json")}
-    corpus = tasks.pretraining_corpus(s.corpus_docs, seed=s.data_seed, exclude_inputs=held_out)
+    held_out = {r["input"] for t in s.tasks for split in ("val", "test")
+                for r in load_alpaca(data / f"{t}_{split}.json")}
+    corpus = tasks.pretraining_corpus(s.corpus_docs, seed=s.data_seed,
+                                      copy_fraction=s.copy_fraction, exclude_inputs=held_out)
 
     def build(i: int, fam: str) -> dict[str, Any]:
         t0 = time.time()
@@ -255,6 +276,13 @@ def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
         pcfg = dataclasses.replace(s.pretrain, steps=s.pretrain_steps[fam], seed=i)
         tokens = pack_corpus(corpus, tok, pcfg.seq_len)
         params = init_params(cfg, jax.random.PRNGKey(100 + i))
+        warm = s.copy_warmup_steps.get(fam, 0)
+        warm_losses: list[float] = []
+        if warm:
+            wcfg = dataclasses.replace(pcfg, steps=warm, lr=s.copy_warmup_lr)
+            rows = copy_rows(warm * wcfg.batch_size, wcfg.seq_len, cfg.vocab_size, seed=i)
+            params, warm_losses = pretrain(cfg, params, rows, wcfg, progress=ctx.progress,
+                                           desc=f"copy warm-up {fam}")
         params, losses = pretrain(cfg, params, tokens, pcfg, progress=ctx.progress,
                                   desc=f"pretrain {fam}")
         build_base_model(work / fam, shape, tok, params=params)
@@ -264,7 +292,10 @@ def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
                 "params": int(n_params), "corpus_tokens": int(tokens.size), "steps": pcfg.steps,
                 "loss_first": round(losses[0], 4),
                 "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-                "losses": [round(x, 4) for x in losses], "seconds": round(time.time() - t0, 1)}
+                "losses": [round(x, 4) for x in losses], "copy_warmup_steps": warm,
+                "copy_warmup_loss_last": (round(sum(warm_losses[-10:]) / len(warm_losses[-10:]), 4)
+                                          if warm_losses else None),
+                "seconds": round(time.time() - t0, 1)}
         _log(f"   {fam}: {shape.layers} layers x {shape.hidden}, {shape.heads}/{shape.kv_heads} "
              f"heads, vocab {cfg.vocab_size}, {n_params / 1e3:.0f}k params; loss "
              f"{info['loss_first']:.2f} -> {info['loss_last']:.2f} ({info['seconds']:.0f}s)")
@@ -285,6 +316,15 @@ def _stage_experts(ctx: _Ctx, work: Path) -> dict[str, Any]:
     from hfjax.training.lora_train import train_lora
 
     s = ctx.sizes
+
+    def _score(model: Path, data_file: Path, adapter: Path, out_dir: Path) -> dict[str, float]:
+        from hfjax.demo.report import type_f1
+        from hfjax.eval.run import evaluate
+
+        m = evaluate(model, data_file, adapter_path=adapter, batch_size=s.eval_batch,
+                     max_new_tokens=s.max_new_tokens, out_dir=out_dir, progress=False)
+        return {"f1": round(float(m["f1"]), 4), "exact_match": round(float(m["exact_match"]), 4),
+                "type_f1": round(type_f1(out_dir / "predictions.jsonl"), 4)}
 
     def train(fam: str, task: str) -> dict[str, Any]:
         name = expert_name(fam, task)
@@ -312,34 +352,31 @@ def _stage_experts(ctx: _Ctx, work: Path) -> dict[str, Any]:
         losses = [json.loads(line)["loss"] for line in
                   (adapter_dir.parent / "metrics.jsonl").read_text().splitlines() if line]
         shutil.rmtree(adapter_dir.parent / "checkpoints", ignore_errors=True)
+        scores = {split: _score(ctx.final("models") / fam, ctx.final("data") /
+                                f"{task}_{split}.json", adapter_dir,
+                                adapter_dir.parent / "eval" / split) for split in ("val", "test")}
         info = {"family": fam, "task": task, "steps": report["run"]["steps"],
                 "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-                "seconds": round(time.time() - t0, 1)}
-        _log(f"   {name}: {info['steps']} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-             f"({info['seconds']:.0f}s)")
+                "scores": scores, "seconds": round(time.time() - t0, 1)}
+        _log(f"   {name}: {info['steps']} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+             f"val exact F1 {100 * scores['val']['f1']:.1f}, type-only "
+             f"{100 * scores['val']['type_f1']:.1f} ({info['seconds']:.0f}s)")
         return info
 
     return {expert_name(f, t): _unit(work, expert_name(f, t), lambda f=f, t=t: train(f, t))
             for f, t in s.experts}
 
 
-# ----------------------------------------------------------------------------- stage 4: fusion
-#: Fusion variants: name -> (label, config overrides).
-FUSION_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fused": ("HeteroFusion", {}),
-    "zero_sources": ("ablation: zero sources", {"fusion.zero_sources": True}),
-    "no_denoise": ("ablation: w/o denoising", {"fusion.gate": "open", "rdm.lambda_reg": 0.0}),
-}
-
-
-def fuse_config(ctx: _Ctx, work: Path, variant: str) -> Any:
-    """The fuse job's config for one variant (paths point at the finished earlier stages)."""
+# ----------------------------------------------------------------------------- stage 4: study
+def fuse_config(ctx: _Ctx, work: Path) -> Any:
+    """The demo's fuse config (paths point at the finished earlier stages); the study runs it
+    and its controls at every seed."""
     from hfjax.configs.fuse import get_config
 
     s = ctx.sizes
     experts = ctx.final("experts")
     cfg = get_config()
-    cfg.task_name = variant
+    cfg.task_name = "fused"
     cfg.experiment_name = f"hfjax demo ({s.name})"
     cfg.output_dir = str(work)
     cfg.seed = 0
@@ -363,9 +400,6 @@ def fuse_config(ctx: _Ctx, work: Path, variant: str) -> Any:
     cfg.train.lr = s.fuse_lr
     cfg.train.base_dtype = "float32"
     cfg.train.checkpoint_every = 10**6
-    for path, value in FUSION_VARIANTS[variant][1].items():
-        section, field = path.split(".")
-        cfg[section][field] = value
     return cfg
 
 
@@ -404,34 +438,20 @@ def peft_check(model_dir: Path, adapter_dir: Path, data_file: Path) -> dict[str,
             "torch": torch.__version__, "peft": peft.__version__}
 
 
-def _stage_fusion(ctx: _Ctx, work: Path) -> dict[str, Any]:
-    from hfjax.training.fuse_loop import run_fusion
+def _stage_study(ctx: _Ctx, work: Path) -> dict[str, Any]:
+    from hfjax.study.runner import EvalOptions, run_study
 
     s = ctx.sizes
-
-    def fuse(variant: str) -> dict[str, Any]:
-        label, overrides = FUSION_VARIANTS[variant]
-        cfg = fuse_config(ctx, work, variant)
-        shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "as configured"
-        _log(f"   {variant} ({label}; {shown})")
-        t0 = time.time()
-        res = run_fusion(cfg, progress=ctx.progress)
-        shutil.rmtree(res.output_dir / "checkpoints", ignore_errors=True)
-        hist = res.history
-        info = {"label": label, "overrides": overrides, "steps": res.steps,
-                "alpha": res.report["alpha"], "lm_loss_first": round(hist[0]["lm_loss"], 4),
-                "lm_loss_last": round(hist[-1]["lm_loss"], 4),
-                "compilations": res.compilations, "seconds": round(time.time() - t0, 1)}
-        _log(f"   {variant}: {res.steps} steps, LM loss {hist[0]['lm_loss']:.3f} -> "
-             f"{hist[-1]['lm_loss']:.3f}, alpha "
-             + ", ".join(f"{k.split('_r')[0]} {v:.3f}" for k, v in res.report["alpha"].items())
-             + f" ({info['seconds']:.0f}s)")
-        return info
-
-    info: dict[str, Any] = {v: _unit(work, v, lambda v=v: fuse(v)) for v in FUSION_VARIANTS}
+    data = ctx.final("data")
+    eval_data = {t: str(data / f"{t}_test.json") for t in s.tasks}
+    summary = run_study(fuse_config(ctx, work), eval_data, seeds=s.seeds, out_dir=work,
+                        rows=list(s.study_rows), progress=ctx.progress,
+                        eval_options=EvalOptions(batch_size=s.eval_batch,
+                                                 max_new_tokens=s.max_new_tokens))
+    fused = work / summary["rows"]["fused"]["adapters"][str(s.seeds[0])]
     if s.peft_check:
-        check = peft_check(ctx.final("models") / "llama", work / "fused" / "merged_lora",
-                           ctx.final("data") / f"{s.target_task}_test.json")
+        check = peft_check(ctx.final("models") / "llama", fused,
+                           data / f"{s.target_task}_test.json")
     else:
         check = {"skipped": "disabled by the run's sizes"}
     if "skipped" in check:
@@ -440,59 +460,9 @@ def _stage_fusion(ctx: _Ctx, work: Path) -> dict[str, Any]:
         _log(f"   PEFT check: fused adapter in peft.PeftModel vs JAX, max |logit diff| "
              f"{check['max_abs_diff']:.2e} (the adapter moves logits by up to "
              f"{check['adapter_effect']:.2f})")
-    info["peft_check"] = check
-    return info
-
-
-# ----------------------------------------------------------------------------- stage 5: eval
-def eval_plan(sizes: DemoSizes) -> list[tuple[str, str, str, str | None]]:
-    """``(row, task, model, adapter)`` of every evaluation: relative paths under the output.
-
-    Rows: ``base`` (the Llama base, no LoRA), ``target`` (the Llama movie expert), ``experts``
-    (each task's own expert on its own base: the reference ceiling), then the fusion variants.
-    """
-    target = f"experts/{expert_name('llama', sizes.target_task)}/adapter"
-    plan: list[tuple[str, str, str, str | None]] = []
-    for task in sizes.tasks:
-        plan.append(("base", task, "models/llama", None))
-    for task in sizes.tasks:
-        plan.append(("target", task, "models/llama", target))
-    for fam, task in sizes.experts:
-        plan.append(("experts", task, f"models/{fam}",
-                     f"experts/{expert_name(fam, task)}/adapter"))
-    for variant in FUSION_VARIANTS:
-        for task in sizes.tasks:
-            plan.append((variant, task, "models/llama", f"fusion/{variant}/merged_lora"))
-    return plan
-
-
-def _stage_eval(ctx: _Ctx, work: Path) -> dict[str, Any]:
-    from hfjax.demo.report import type_f1
-    from hfjax.eval.run import evaluate
-
-    s = ctx.sizes
-    plan = eval_plan(s)
-
-    def run(i: int, row: str, task: str, model: str, adapter: str | None) -> dict[str, Any]:
-        out_dir = work / row / task
-        m = evaluate(ctx.out / model, ctx.final("data") / f"{task}_test.json",
-                     adapter_path=None if adapter is None else ctx.out / adapter,
-                     batch_size=s.eval_batch, max_new_tokens=s.max_new_tokens,
-                     out_dir=out_dir, progress=False)
-        scores = {k: round(float(m[k]), 4) for k in ("f1", "precision", "recall", "exact_match")}
-        scores["type_f1"] = round(type_f1(out_dir / "predictions.jsonl"), 4)
-        if ctx.progress:
-            _log(f"   [{i + 1}/{len(plan)}] {row:<13} {task:<9} F1 {100 * scores['f1']:5.1f}  "
-                 f"type F1 {100 * scores['type_f1']:5.1f}  ({m['run']['generate_seconds']:.1f}s)")
-        return scores
-
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for i, item in enumerate(plan):
-        row, task = item[:2]
-        results.setdefault(row, {})[task] = _unit(work, f"{row}.{task}",
-                                                  lambda i=i, item=item: run(i, *item))
-    _write_json(work / "results.json", results)
-    return {"evaluations": len(plan), "rows": list(results)}
+    _write_json(work / "peft_check.json", check)
+    return {"rows": list(summary["rows"]), "skipped": summary["skipped"],
+            "runs": len(summary["runs"]), "peft_check": check}
 
 
 # ----------------------------------------------------------------------------- stage 6: report
@@ -506,15 +476,14 @@ def _stage_report(ctx: _Ctx, work: Path) -> dict[str, Any]:
 
 _STAGE_FUNCS: dict[str, Callable[[_Ctx, Path], dict[str, Any]]] = {
     "data": _stage_data, "models": _stage_models, "experts": _stage_experts,
-    "fusion": _stage_fusion, "eval": _stage_eval, "report": _stage_report}
+    "study": _stage_study, "report": _stage_report}
 
 _STAGE_TITLES = {
-    "data": "synthetic tasks (train / replay / test)",
+    "data": "synthetic tasks (train / val / replay / test)",
     "models": "tokenizers + briefly pretrained base models (Llama, Qwen2, Mistral)",
-    "experts": "LoRA experts (Llama target, Qwen2 + Mistral sources)",
-    "fusion": "HeteroFusion into the Llama target + 2 ablations",
-    "eval": "greedy evaluation on the held-out test splits",
-    "report": "report.md + plots",
+    "experts": "LoRA experts (Llama target, Qwen2 + Mistral sources), scored on val and test",
+    "study": "HeteroFusion, its controls and the tuned target at every seed, scored on test",
+    "report": "report.md: hypotheses, study table and verdicts, plots",
 }
 
 
@@ -567,18 +536,16 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False,
 
     Args:
         out_dir: Output folder; finished stages found there are reused.
-        fast: Tiny sizes (a minute or two) instead of the default (< 10 minutes on 2 cores).
+        fast: Tiny sizes (a few minutes) instead of the default (<= 10 minutes on 2 cores).
         progress: Progress bars and per-step lines (stage headers are always printed).
 
     Returns:
         ``{"out_dir", "sizes", "stages": {stage: {"seconds", "skipped", "peak_rss_mb"}},
-        "table": {"columns": [...], "rows": {row: {task: F1 x 100}}, ...}, "type_table"
-        (the same for type-only F1), "results", "report", "seconds"}``, where ``results``
-        holds every (row, task)'s F1 / precision / recall / exact match / type-only F1
-        (fractions) and ``report`` is the path of report.md.
+        "study" (study.json: every row's scores x100 with intervals, per seed, predictions),
+        "experts" ({expert: {"val"|"test": {"f1", "exact_match", "type_f1"}}}, fractions),
+        "comparisons" (the verdicts on the source tasks, `demo.report.source_comparisons`),
+        "report" (report.md's path), "seconds"}``.
     """
-    from hfjax.demo.report import results_table
-
     sizes = FAST if fast else DEFAULT
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -596,11 +563,12 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False,
         rerun = rerun or not m["skipped"]
         stages[stage] = {"seconds": m["seconds"], "skipped": m["skipped"],
                          "peak_rss_mb": m["peak_rss_mb"]}
-    results = _read_json(out / "eval" / "results.json")
+    study = _read_json(out / "study" / "study.json")
+    experts = _read_json(out / "experts.done")["info"]
+    comparisons = _read_json(out / "report" / "comparisons.json")
     total = time.time() - t_start
     report = out / "report" / "report.md"
     _log(f"hfjax demo: finished in {total:.1f}s; report: {report}")
-    return {"out_dir": str(out), "sizes": sizes.name, "stages": stages,
-            "table": results_table(results, sizes),
-            "type_table": results_table(results, sizes, "type_f1"), "results": results,
-            "report": str(report), "seconds": round(total, 2)}
+    return {"out_dir": str(out), "sizes": sizes.name, "stages": stages, "study": study,
+            "experts": {n: e["scores"] for n, e in experts.items()},
+            "comparisons": comparisons, "report": str(report), "seconds": round(total, 2)}

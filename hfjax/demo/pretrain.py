@@ -38,7 +38,7 @@ from hfjax.models.decoder import forward
 from hfjax.training.loop import LoopSettings, run_loop
 from hfjax.training.objective import token_nll
 
-__all__ = ["PretrainConfig", "pack_corpus", "pretrain"]
+__all__ = ["PretrainConfig", "copy_rows", "pack_corpus", "pretrain"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,22 @@ def pack_corpus(texts: Iterable[str], tokenizer: Any, seq_len: int) -> np.ndarra
     if n_rows == 0:
         raise ValueError(f"corpus has {len(stream)} tokens, fewer than one row of {seq_len}")
     return np.asarray(stream[: n_rows * seq_len], np.int32).reshape(n_rows, seq_len)
+
+
+def copy_rows(n_rows: int, seq_len: int, vocab_size: int, *, seed: int = 0,
+              first_id: int = 3) -> np.ndarray:
+    """``(n_rows, seq_len)`` int32 rows, each a random token string followed by itself.
+
+    Only copying predicts the second half, so a few hundred steps on these form the
+    attention circuits (previous-token + induction heads) that a tiny model needs to copy
+    spans and that plain text does not teach it in that time. Ids below ``first_id`` (the
+    special tokens) are not used; ``seq_len`` must be even.
+    """
+    if seq_len % 2 or n_rows < 1 or vocab_size <= first_id:
+        raise ValueError(f"copy_rows: need n_rows >= 1, an even seq_len and vocab_size > "
+                         f"{first_id}; got {n_rows}, {seq_len}, {vocab_size}")
+    half = np.random.default_rng(seed).integers(first_id, vocab_size, (n_rows, seq_len // 2))
+    return np.concatenate([half, half], axis=1).astype(np.int32)
 
 
 def _loss(params: Any, cfg: ModelConfig, ids: jax.Array) -> jax.Array:

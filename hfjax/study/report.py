@@ -107,8 +107,9 @@ def dry_run_listing(st: Any, plan: Sequence[Unit], skipped: Mapping[str, str]) -
 
 
 # ----------------------------------------------------------------------------- figures
-def _counts(records: Sequence[dict], task: str, metric: str) -> np.ndarray:
-    return np.stack([example_counts(r["eval"][task]["predictions"], metric) for r in records])
+def _counts(root: Path, records: Sequence[dict], task: str, metric: str) -> np.ndarray:
+    return np.stack([example_counts(root / r["eval"][task]["predictions"], metric)
+                     for r in records])
 
 
 def _cell(d: Mapping[str, float] | None) -> str:
@@ -135,9 +136,9 @@ def write_report(st: Any, chosen: Sequence[Row], done: Mapping[str, dict],
     counts: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # row -> metric -> task -> arr
     scores: dict[str, dict[str, Any]] = {}
     for row, recs in by_row.items():
-        counts[row] = {m: {t: _counts(recs, t, m) for t in tasks if m in metrics_for(kind[t])}
-                       for m in metrics}
-        counts[row]["headline"] = {t: _counts(recs, t, headline[t]) for t in tasks}
+        counts[row] = {m: {t: _counts(st.out, recs, t, m) for t in tasks
+                           if m in metrics_for(kind[t])} for m in metrics}
+        counts[row]["headline"] = {t: _counts(st.out, recs, t, headline[t]) for t in tasks}
         sc: dict[str, Any] = {}
         for m in [*metrics, "headline"]:
             cm = counts[row][m]
@@ -230,7 +231,8 @@ def _markdown(s: Mapping[str, Any], tasks: Sequence[str]) -> str:
         out += [f"![{Path(p).stem}]({Path(p).name})" for p in s["plots"]]
     else:
         out.append("Plots skipped: matplotlib is not installed.")
-    out += ["", "Every prediction file is listed in study.json (rows.<row>.predictions).", ""]
+    out += ["", "Every prediction file is listed in study.json (rows.<row>.predictions; paths "
+            "inside the study folder are relative to it).", ""]
     return "\n".join(out)
 
 

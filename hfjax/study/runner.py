@@ -258,12 +258,21 @@ def run_unit(st: _Study, unit: Unit, done: Mapping[str, dict]) -> dict[str, Any]
                      limit=st.opts.limit, dtype=st.opts.dtype, out_dir=work / "eval" / task,
                      progress=False)
         evals[task] = {"task": m["task"], "n": m["n"],
-                       "predictions": str(work / "eval" / task / "predictions.jsonl"),
+                       "predictions": _inside(st.out, work / "eval" / task / "predictions.jsonl"),
                        **{k: m[k] for k in ("f1", "exact_match", "accuracy") if k in m}}
     return {"row": unit.row.name, "seed": unit.seed, "spec": _spec(st, unit),
-            "adapter": None if adapter is None else str(adapter), "train": train,
+            "adapter": None if adapter is None else _inside(st.out, adapter), "train": train,
             "eval": evals, "seconds": {"train": round(t_eval - t0, 2),
                                        "eval": round(time.time() - t_eval, 2)}}
+
+
+def _inside(root: Path, path: Path) -> str:
+    """``path`` relative to the study folder when it lies inside it (so a study folder can be
+    moved or renamed whole), else absolute; readers resolve it as ``root / value``."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def _spec(st: _Study, unit: Unit) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class FamilyShape:
     intermediate: int
     vocab_size: int
     sliding_window: int | None = None
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, small Qwen2s)
 
 
 DEFAULT_SHAPES = {
@@ -58,7 +59,7 @@ def model_config(shape: FamilyShape, tokenizer: Any) -> ModelConfig:
         intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
         head_dim=shape.hidden // shape.heads, rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=2048, tie_word_embeddings=False,
+        max_position_embeddings=2048, tie_word_embeddings=shape.tie_embeddings,
         qkv_bias=shape.family == "qwen2",
         sliding_windows=(shape.sliding_window,) * shape.layers,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
