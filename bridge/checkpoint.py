@@ -455,6 +455,23 @@ def _as_array(key: object, value: Any, file: Path) -> np.ndarray:
     return arr
 
 
+def check_write_args(root: Path, config: Mapping[str, Any], max_shard_bytes: int | None) -> str:
+    """Refuse a bad shard size or a config that is not JSON before anything is written;
+    returns the ``config.json`` text. Shared by `save_checkpoint` and `stream_checkpoint`."""
+    if max_shard_bytes is not None and (
+        isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+        or max_shard_bytes <= 0
+    ):
+        raise CheckpointError(
+            root, f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}"
+        )
+    try:
+        return json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(root / CONFIG_NAME, f"config is not JSON-serialisable ({exc})") \
+            from exc
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
@@ -473,18 +490,7 @@ def save_checkpoint(
     Returns the checkpoint directory.
     """
     root = Path(path)
-    if max_shard_bytes is not None and (
-        isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
-        or max_shard_bytes <= 0
-    ):
-        raise CheckpointError(
-            root, f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}"
-        )
-    try:
-        config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
-    except (TypeError, ValueError) as exc:
-        problem = f"config is not JSON-serialisable ({exc})"
-        raise CheckpointError(root / CONFIG_NAME, problem) from exc
+    config_text = check_write_args(root, config, max_shard_bytes)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
 
     with atomic_directory(root) as tmp:

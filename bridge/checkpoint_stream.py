@@ -33,6 +33,7 @@ from bridge.checkpoint import (
     SAFETENSORS_DTYPES,
     WEIGHTS_NAME,
     atomic_directory,
+    check_write_args,
     write_json,
 )
 from bridge.errors import CheckpointError
@@ -107,18 +108,7 @@ def stream_checkpoint(
 renamed into place. Returns the checkpoint directory.
     """
     root = Path(path)
-    if max_shard_bytes is not None and (
-        isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
-        or max_shard_bytes <= 0
-    ):
-        raise CheckpointError(
-            root, f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}"
-        )
-    try:
-        config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(root / CONFIG_NAME, f"config is not JSON-serialisable ({exc})") \
-            from exc
+    config_text = check_write_args(root, config, max_shard_bytes)
     entries = _check_layout(layout, root)
     if not entries:
         raise CheckpointError(root, "no tensors to write")
