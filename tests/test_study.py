@@ -77,6 +77,13 @@ def test_fast_study_runs_every_row(setup, study):
     zero = load_adapter(out / s["rows"]["zero_sources"]["adapters"]["0"]).modules
     assert any(not np.allclose(fused[n].B, zero[n].B) for n in fused)  # the control differs
     assert json.loads((out / "study.json").read_text())["comparisons"]
+    for seed in map(str, SEEDS):  # the probe ran on every fused run's trained networks
+        probe = {r["perturbation"]: r for r in s["rows"]["fused"]["train"][seed]["probe"]
+                 if r["group"] == "all"}
+        assert {"zero", "noise", "roll"} <= set(probe)
+        assert all(np.isfinite(r["nll"]) and r["dB_fro"] > 0 for r in probe.values())
+        assert probe["zero"]["rel_dB_change"] > 0
+    assert "## Does the fused network read its sources? (probe)" in md
 
 
 def test_tuned_target_uses_fused_replay_and_steps(setup, study):

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from hfjax import machine
+from hfjax.fusion.probe import probe_markdown
 from hfjax.study.stats import bootstrap, example_counts, metric_value, verdict
 
 __all__ = ["COMPARISONS", "HYPOTHESES", "METRICS", "source_comparisons", "type_f1",
@@ -327,6 +328,11 @@ def write_report(out: Path, work: Path, sizes: Any,
         *(["Rows not run:", "", *skipped, ""] if skipped else []),
         "## Verdicts on the source tasks", "",
         *_comparison_lines(comps), "",
+        "## Does the fused network read its sources? (probe)", "",
+        "Relative change of ΔB when the trained network's sources are perturbed (target tokens "
+        "untouched), and the fused adapter's test NLL (all tasks):", "",
+        *[f"Seed {sd}:\n\n{probe_markdown(t['probe'])}\n" for sd, t in
+          study["rows"].get("fused", {}).get("train", {}).items() if t.get("probe")],
         "The full study (every row's tables over all tasks, its own verdicts, per-seed plots) "
         "is `study/study.md`; every prediction file is listed in `study/study.json`.", "",
         "## Fusion", "",

@@ -223,6 +223,19 @@ def _markdown(s: Mapping[str, Any], tasks: Sequence[str]) -> str:
         extra = (f" (best of {', '.join(c['best_of'])}, chosen on these test scores, which "
                  "favours the merge)" if c["best_of"] else "")
         out.append(f"- **{c['question']}** {c['verdict']}{extra}. Per task: {per}.")
+    probes = {seed: t["probe"] for seed, t in s["rows"].get("fused", {}).get("train", {}).items()
+              if t.get("probe")}
+    if probes:
+        from hfjax.fusion.probe import probe_markdown
+
+        out += ["", "## Does the fused network read its sources? (probe)", "",
+                "Per perturbation of the source side of the trained network's contexts (target "
+                "tokens untouched): the relative change of ΔB, ||ΔB' − ΔB||_F / ||ΔB||_F, per "
+                "module group and over all fused modules, and the fused adapter's test NLL "
+                "(mean over every test answer token). ~0 everywhere means the network ignores "
+                "its sources.", ""]
+        for seed, rows in probes.items():
+            out += [f"Seed {seed}:", "", probe_markdown(rows), ""]
     if s["skipped"]:
         out += ["", "## Rows not run", ""]
         out += [f"- `{k}`: {v}" for k, v in s["skipped"].items()]

@@ -191,12 +191,18 @@ def _train(st: _Study, unit: Unit, done: Mapping[str, dict]) -> tuple[Path, dict
         res = run_fusion(cfg, progress=False)
         run = res.report.get("run", {})
         shutil.rmtree(res.output_dir / "checkpoints", ignore_errors=True)
-        return res.adapter_dir, {
-            "steps": res.steps, "tokens": run.get("tokens_this_call"),
-            "tokens_per_second": run.get("tokens_per_second"),
-            "replay": {"data_root": str(cfg.data.data_root),
-                       "datasets": list(cfg.data.datasets)},
-            "overrides": dict(row.overrides)}
+        rec = {"steps": res.steps, "tokens": run.get("tokens_this_call"),
+               "tokens_per_second": run.get("tokens_per_second"),
+               "replay": {"data_root": str(cfg.data.data_root),
+                          "datasets": list(cfg.data.datasets)},
+               "overrides": dict(row.overrides)}
+        if row.name == "fused":  # does the trained network read its sources? (study.md)
+            from hfjax.study.probe import probe_fuse_run
+
+            rows = probe_fuse_run(cfg, res.output_dir, res.report["alpha"], st.eval_data,
+                                  batch_size=st.opts.batch_size, seed=int(unit.seed))
+            rec["probe"] = json.loads(json.dumps(rows, default=float))
+        return res.adapter_dir, rec
     if row.kind == "tune":
         from hfjax.training.lora_train import train_lora
 
