@@ -52,7 +52,7 @@ from hfjax.demo.pretrain import PretrainConfig
 from hfjax.machine import peak_rss_mb
 from hfjax.testing.models import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
 
-__all__ = ["DEFAULT", "FAST", "STAGES", "DemoSizes", "run_demo"]
+__all__ = ["DEFAULT", "FAST", "FULL", "STAGES", "DemoSizes", "run_demo"]
 
 STAGES: tuple[str, ...] = ("data", "models", "experts", "study", "report")
 #: Bumped when a stage's outputs change meaning, so old caches are not reused.
@@ -87,7 +87,11 @@ class DemoSizes:
         eval_batch: Prompts per generate call (>= n_test: one call per task).
         max_new_tokens: Generation limit (the longest answers are about 55 tokens).
         seeds: Training seeds of every trained study row (fused, controls, tuned target).
-        study_rows: The study's rows (`hfjax.study.plan.DEFAULT_ROWS` names).
+        study_rows: The study's rows (`hfjax.study.plan.DEFAULT_ROWS` names; ``merge_*`` and
+            ``project`` apply when a source shares the target's base, i.e. a Llama expert).
+        replay_sweep: Extra replay sizes per task (< n_replay: the first records of the
+            replay split), each its own study of ``sweep_rows``; () for none.
+        sweep_rows: The rows of each replay-sweep study.
         peft_check: Compare the fused adapter's logits in PEFT with ours (needs torch + peft).
     """
 
@@ -133,12 +137,15 @@ class DemoSizes:
     seeds: tuple[int, ...] = (0, 1)
     study_rows: tuple[str, ...] = ("base", "target", "fused", "zero_sources", "noise_sources",
                                    "mismatch_sources", "tuned_target")
+    replay_sweep: tuple[int, ...] = ()
+    sweep_rows: tuple[str, ...] = ("target", "fused", "noise_sources", "tuned_target")
     peft_check: bool = True
 
     @property
     def tasks(self) -> list[str]:
-        """The target task, then the source tasks in source order."""
-        return [self.target_task] + [t for ts in self.source_tasks.values() for t in ts]
+        """The target task, then the source tasks in source order (each once)."""
+        return list(dict.fromkeys(
+            [self.target_task] + [t for ts in self.source_tasks.values() for t in ts]))
 
     @property
     def experts(self) -> list[tuple[str, str]]:
@@ -150,19 +157,22 @@ class DemoSizes:
         """The parameters a stage's output depends on (besides the earlier stages)."""
         d = dataclasses.asdict(self)
         keys = {
-            "data": ("tasks", "n_train", "n_val", "n_replay", "n_test", "data_seed"),
+            "data": ("tasks", "n_train", "n_val", "n_replay", "n_test", "data_seed",
+                     "replay_sweep"),
             "models": ("corpus_docs", "copy_fraction", "copy_warmup_steps", "copy_warmup_lr",
                        "shapes", "vocab_sizes", "pretrain_steps", "pretrain"),
             "experts": ("experts", "cutoff_len", "min_bucket", "lora_r", "lora_targets",
                         "lora_epochs", "lora_batch", "lora_lr", "eval_batch", "max_new_tokens"),
             "study": ("fuse_epochs", "fuse_batch", "fuse_accum", "fuse_lr", "block_size",
                       "embed_dim", "num_heads", "num_projections", "max_pos", "seeds",
-                      "study_rows", "eval_batch", "max_new_tokens", "peft_check"),
+                      "study_rows", "replay_sweep", "sweep_rows", "eval_batch",
+                      "max_new_tokens", "peft_check"),
             "report": ("name",),
         }[stage]
         extra = {"tasks": self.tasks, "experts": [list(e) for e in self.experts],
                  "lora_targets": list(self.lora_targets), "seeds": list(self.seeds),
-                 "study_rows": list(self.study_rows)}
+                 "study_rows": list(self.study_rows), "replay_sweep": list(self.replay_sweep),
+                 "sweep_rows": list(self.sweep_rows)}
         return {k: extra[k] if k in extra else d[k] for k in keys}
 
 
@@ -184,6 +194,18 @@ FAST = DemoSizes(
     lora_targets=("q_proj", "v_proj"), lora_epochs=1, lora_batch=16, fuse_epochs=1,
     fuse_batch=16, num_projections=32, eval_batch=8, max_new_tokens=24,
     study_rows=("base", "target", "fused", "noise_sources", "tuned_target"))
+
+
+#: The full job (`hfjax demo --full`): the default zoo plus a same-family oracle source (a
+#: Llama expert on news, so the homogeneous merges and the projection apply), experts on 640
+#: examples (10x the largest replay), the main study at 64 replay examples per task and
+#: replay-sweep studies at 4 and 16.
+FULL = dataclasses.replace(
+    DEFAULT, name="full", source_tasks={"qwen2": ("news", "relation"),
+                                        "mistral": ("typing", "vehicle"), "llama": ("news",)},
+    n_train=640, n_replay=64, replay_sweep=(4, 16),
+    study_rows=(*DEFAULT.study_rows, "merge_linear", "merge_ties", "merge_dare_linear",
+                "merge_dare_ties", "merge_magnitude_prune", "project"))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -244,6 +266,11 @@ def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
     s = ctx.sizes
     splits = {t: tasks.make_splits(t, n_train=s.n_train, n_replay=s.n_replay, n_test=s.n_test,
                                    n_val=s.n_val, seed=s.data_seed) for t in s.tasks}
+    for n in s.replay_sweep:  # nested subsets: the first n records of the replay split
+        if not 0 < n < s.n_replay:
+            raise ValueError(f"replay_sweep: {n} must be in 1..{s.n_replay - 1} (n_replay)")
+        for sp in splits.values():
+            sp[f"replay{n}"] = sp["replay"][:n]
     info = tasks.write_task_files(work, splits)
     _log(f"   wrote {len(info)} datasets: {', '.join(sorted(info))}")
     return {"datasets": sorted(info),
@@ -368,9 +395,10 @@ def _stage_experts(ctx: _Ctx, work: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- stage 4: study
-def fuse_config(ctx: _Ctx, work: Path) -> Any:
+def fuse_config(ctx: _Ctx, work: Path, replay: int | None = None) -> Any:
     """The demo's fuse config (paths point at the finished earlier stages); the study runs it
-    and its controls at every seed."""
+    and its controls at every seed. ``replay``: a `replay_sweep` size (None: the whole replay
+    split)."""
     from hfjax.configs.fuse import get_config
 
     s = ctx.sizes
@@ -386,7 +414,7 @@ def fuse_config(ctx: _Ctx, work: Path) -> Any:
                          "adapter_path": str(experts / expert_name(f, t) / "adapter")}
                         for f, t in s.experts[1:])
     cfg.data.data_root = str(ctx.final("data"))
-    cfg.data.datasets = tuple(f"{t}_replay" for t in s.tasks)
+    cfg.data.datasets = tuple(f"{t}_replay{replay or ''}" for t in s.tasks)
     cfg.data.cutoff_len = s.cutoff_len
     cfg.data.min_bucket = s.min_bucket
     cfg.fusion.block_size = s.block_size
@@ -461,8 +489,15 @@ def _stage_study(ctx: _Ctx, work: Path) -> dict[str, Any]:
              f"{check['max_abs_diff']:.2e} (the adapter moves logits by up to "
              f"{check['adapter_effect']:.2f})")
     _write_json(work / "peft_check.json", check)
+    for n in s.replay_sweep:
+        _log(f"   replay sweep: {n} examples per task")
+        run_study(fuse_config(ctx, work / f"replay{n}", n), eval_data, seeds=s.seeds,
+                  out_dir=work / f"replay{n}", rows=list(s.sweep_rows), progress=ctx.progress,
+                  eval_options=EvalOptions(batch_size=s.eval_batch,
+                                           max_new_tokens=s.max_new_tokens))
     return {"rows": list(summary["rows"]), "skipped": summary["skipped"],
-            "runs": len(summary["runs"]), "peft_check": check}
+            "runs": len(summary["runs"]), "peft_check": check,
+            "replay_sweep": list(s.replay_sweep)}
 
 
 # ----------------------------------------------------------------------------- stage 6: report
@@ -530,14 +565,16 @@ def _run_stage(ctx: _Ctx, index: int, stage: str, key: dict[str, Any], t_start: 
     return {**marker, "skipped": False}
 
 
-def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False, full: bool = False,
+             progress: bool = True, sizes: DemoSizes | None = None) -> dict[str, Any]:
     """Run (or resume) the demo job into ``out_dir``; return its summary.
 
     Args:
         out_dir: Output folder; finished stages found there are reused.
         fast: Tiny sizes (a few minutes) instead of the default (<= 10 minutes on 2 cores).
+        full: `FULL` (the oracle Llama source, merges, projection, the replay sweep).
         progress: Progress bars and per-step lines (stage headers are always printed).
+        sizes: Explicit sizes (tests); overrides ``fast`` and ``full``.
 
     Returns:
         ``{"out_dir", "sizes", "stages": {stage: {"seconds", "skipped", "peak_rss_mb"}},
@@ -546,7 +583,9 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False,
         "comparisons" (the verdicts on the source tasks, `demo.report.source_comparisons`),
         "report" (report.md's path), "seconds"}``.
     """
-    sizes = FAST if fast else DEFAULT
+    if fast and full:
+        raise ValueError("run_demo: fast and full exclude each other")
+    sizes = sizes or (FAST if fast else FULL if full else DEFAULT)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ctx = _Ctx(out=out, sizes=sizes, progress=progress)
