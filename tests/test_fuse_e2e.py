@@ -12,14 +12,16 @@ import pytest
 import hfjax
 from bridge import load_adapter
 from hfjax.fusion import init_fusion_params
-from hfjax.testing.zoo import build_zoo, tiny_fuse_config
+from hfjax.testing.zoo import tiny_fuse_config
 from hfjax.training.fuse_loop import prepare, run_fusion, statics_from
 from hfjax.training.fuse_step import patched_adapter, run_networks
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"))
+def zoo(tiny_zoo):
+    # Every module (some stay unfused) and 24 replay examples a file (24 steps): the counts
+    # below depend on them.
+    return tiny_zoo(n_replay=24, modules=None)
 
 
 @pytest.fixture(scope="module")

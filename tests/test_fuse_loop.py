@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hfjax import cli
-from hfjax.testing.zoo import build_zoo, tiny_fuse_config
+from hfjax.testing.zoo import tiny_fuse_config
 from hfjax.training import fuse_loop
 from hfjax.training.optim import cosine_with_warmup, total_steps
 
@@ -49,8 +49,8 @@ def test_stack_window_pads_and_weights():
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo_loop"), n_replay=8)
+def zoo(tiny_zoo):
+    return tiny_zoo(n_replay=8)  # q_proj/v_proj adapters: the loop does not depend on them
 
 
 def test_stream_resume_position(zoo, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from hfjax.atomic import write_json_atomic
 from hfjax.errors import RunDiverged, UserError
-from hfjax.testing.zoo import SMALL, build_zoo, tiny_fuse_config
+from hfjax.testing.zoo import SMALL, tiny_fuse_config
 from hfjax.training import checkpointing, fuse_loop
 from hfjax.training.loop import LoopSettings, ResumeRefused, all_finite, run_loop
 
@@ -222,8 +222,8 @@ def test_pretrain_runs_through_the_loop(tmp_path):
 
 # ----------------------------------------------------------------------------- fuse
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo_loop_fuse"), n_replay=8)
+def zoo(tiny_zoo):
+    return tiny_zoo(n_replay=8)  # q_proj/v_proj adapters: the loop does not depend on them
 
 
 def test_fuse_resume_trims_metrics_and_honours_log_every(zoo, tmp_path, monkeypatch):
