@@ -23,19 +23,21 @@ def _free_compiled_programs():
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    """``tiny_zoo(n_replay=8, modules=QV)``: one `hfjax.testing.zoo.build_zoo` per argument
-    set for the whole session (building one takes ~10 s). Tests read it, never write into
-    it. The default, `QV` adapters and 8 replay examples per file, is the cheapest to fuse
-    (two fusion groups); ask for ``modules=None`` where the module set matters."""
-    from hfjax.testing.zoo import QV, build_zoo
+    """``tiny_zoo(n_replay=8, modules=QV, target_modules=QKV)``: one
+    `hfjax.testing.zoo.build_zoo` per argument set for the whole session (building one takes
+    ~10 s). Tests read it, never write into it. The default (q/v sources, a q/k/v target, 8
+    replay examples a file) is the cheapest to fuse: two fusion groups, and k_proj stays
+    unfused. Pass ``modules=None, target_modules=None`` for the full zoo."""
+    from hfjax.testing.zoo import QKV, QV, build_zoo
 
     zoos: dict[tuple, dict] = {}
 
-    def get(n_replay: int = 8, modules: tuple[str, ...] | None = QV) -> dict:
-        key = (n_replay, modules)
+    def get(n_replay: int = 8, modules: tuple[str, ...] | None = QV,
+            target_modules: tuple[str, ...] | None = QKV) -> dict:
+        key = (n_replay, modules, target_modules)
         if key not in zoos:
             zoos[key] = build_zoo(tmp_path_factory.mktemp("zoo"), n_replay=n_replay,
-                                  modules=modules)
+                                  modules=modules, target_modules=target_modules)
         return dict(zoos[key])  # a copy: tests may add their own entries
 
     return get

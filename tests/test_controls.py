@@ -246,7 +246,7 @@ def test_probe_default_and_refusals(setup):
 # ----------------------------------------------------------------------------- fuse runs
 @pytest.fixture(scope="module")
 def zoo(tiny_zoo):
-    return tiny_zoo()  # q_proj/v_proj adapters: the controls act per module
+    return tiny_zoo()  # q/v sources, q/k/v target (k_proj unfused)
 
 
 def _tiny(zoo, out, **fusion):

@@ -50,7 +50,7 @@ def test_stack_window_pads_and_weights():
 
 @pytest.fixture(scope="module")
 def zoo(tiny_zoo):
-    return tiny_zoo(n_replay=8)  # q_proj/v_proj adapters: the loop does not depend on them
+    return tiny_zoo(n_replay=8)  # q/v sources: the loop does not depend on the modules
 
 
 def test_stream_resume_position(zoo, tmp_path):

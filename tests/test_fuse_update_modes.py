@@ -143,7 +143,7 @@ def test_patched_adapter_replaces_A_and_B():
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def zoo(tiny_zoo):
-    return tiny_zoo()  # q_proj/v_proj adapters: each mode's contract holds per module
+    return tiny_zoo()  # q/v sources, q/k/v target (k_proj unfused)
 
 
 def _config(zoo, out, mode):

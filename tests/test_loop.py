@@ -223,7 +223,7 @@ def test_pretrain_runs_through_the_loop(tmp_path):
 # ----------------------------------------------------------------------------- fuse
 @pytest.fixture(scope="module")
 def zoo(tiny_zoo):
-    return tiny_zoo(n_replay=8)  # q_proj/v_proj adapters: the loop does not depend on them
+    return tiny_zoo(n_replay=8)  # q/v sources: the loop does not depend on the modules
 
 
 def test_fuse_resume_trims_metrics_and_honours_log_every(zoo, tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ FUSE_EXTRA = ["train.max_steps=3", "train.checkpoint_every=1"]
 
 @pytest.fixture(scope="module")
 def zoo(tiny_zoo):
-    return tiny_zoo(n_replay=8)  # q_proj/v_proj adapters: nothing here depends on the modules
+    return tiny_zoo(n_replay=8)  # q/v sources: nothing here depends on the modules
 
 
 def _cfg(zoo, out: Path):

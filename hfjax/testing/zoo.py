@@ -29,16 +29,19 @@ SMALL = {
 assert set(SMALL) == set(DEFAULT_SHAPES)
 
 
-QV = ("q_proj", "v_proj")  # the smallest module set that still fuses (tests: fast compiles)
+QV = ("q_proj", "v_proj")  # source modules for fast tests: two fusion groups
+QKV = ("q_proj", "k_proj", "v_proj")  # a target over QV sources: k_proj stays unfused
 
 
 def build_zoo(root: Path, *, r: int = 4, n_replay: int = 24,
-              modules: tuple[str, ...] | None = None) -> dict[str, Path]:
+              modules: tuple[str, ...] | None = None,
+              target_modules: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Target model + tokenizer, target/source adapters and a replay data root.
 
-    ``modules``: the projections every adapter targets (e.g. `QV`: two fusion groups, a fuse
-    step that compiles ~3x faster); by default the target and Qwen2 LoRAs target every linear
-    layer and the Mistral one ``q_proj, v_proj, down_proj``."""
+    ``modules``: the projections the source LoRAs (and, without ``target_modules``, the
+    target LoRA) target; ``modules=QV, target_modules=QKV`` gives two fusion groups, a fuse
+    step that compiles ~3x faster than the default. By default the target and Qwen2 LoRAs
+    target every linear layer and the Mistral one ``q_proj, v_proj, down_proj``."""
     corpus = tasks.pretraining_corpus(300, seed=0)
     paths: dict[str, Path] = {}
     models = {}
@@ -47,8 +50,10 @@ def build_zoo(root: Path, *, r: int = 4, n_replay: int = 24,
         models[fam] = build_base_model(root / f"base_{fam}", shape, tok, seed=1)
         paths[f"base_{fam}"] = root / f"base_{fam}"
     every = {"target_modules": modules} if modules else {}
+    target = target_modules or modules
     paths["target_adapter"] = save_adapter(
-        random_lora(models["llama"].config, r=r, alpha=2 * r, seed=10, **every),
+        random_lora(models["llama"].config, r=r, alpha=2 * r, seed=10,
+                    **({"target_modules": target} if target else {})),
         root / "lora_llama")
     paths["qwen_adapter"] = save_adapter(
         random_lora(models["qwen2"].config, r=r, alpha=2 * r, seed=11, **every),
