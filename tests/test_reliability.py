@@ -353,6 +353,13 @@ def _kill_after_checkpoint(argv: list[str], run: Path) -> None:
     assert (run / rd.LOCK_FILE).exists() and not rd.is_complete(run)  # a dead holder's lock
 
 
+# Slow (its subprocess compiles a fuse step of its own, ~60 s on CI): the default suite keeps
+# the same contract through test_train_lora_killed_and_resumed_is_bit_identical (SIGKILL
+# after a checkpoint, the dead holder's lock taken over, the CLI resumes bit-identically:
+# the loop, checkpointer and lock that fuse shares) and
+# test_cadence_fields_do_not_block_resume_and_metrics_once (a fuse run resumed is
+# bit-identical to the uninterrupted one, metrics once).
+@pytest.mark.slow
 def test_fuse_killed_and_resumed_is_bit_identical(zoo, tmp_path, full_fuse, capsys):
     run = tmp_path / "tiny"
     argv = _fuse_argv(zoo, tmp_path)
