@@ -245,10 +245,8 @@ def test_probe_default_and_refusals(setup):
 
 # ----------------------------------------------------------------------------- fuse runs
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    from hfjax.testing.zoo import build_zoo
-
-    return build_zoo(tmp_path_factory.mktemp("zoo"))
+def zoo(tiny_zoo):
+    return tiny_zoo()  # q/v sources, q/k/v target (k_proj unfused)
 
 
 def _tiny(zoo, out, **fusion):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hfjax import cli
-from hfjax.testing.zoo import build_zoo, tiny_fuse_config
+from hfjax.testing.zoo import tiny_fuse_config
 from hfjax.training import fuse_loop
+from hfjax.training.loop import ResumeRefused
 from hfjax.training.optim import cosine_with_warmup, total_steps
 
 
@@ -49,8 +51,8 @@ def test_stack_window_pads_and_weights():
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo_loop"), n_replay=8)
+def zoo(tiny_zoo):
+    return tiny_zoo(n_replay=8)  # q/v sources: the loop does not depend on the modules
 
 
 def test_stream_resume_position(zoo, tmp_path):
@@ -86,6 +88,46 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(zoo, tmp_path, monkeypa
     assert not (out / "merged_lora").exists()
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 2
+
+
+# Moved from test_loop.py (the shared loop's contract, on a real fuse run): here it reuses
+# this module's compiled fuse step (same zoo and statics as the non-finite test).
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _saved_steps(out: Path) -> list[int]:
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_fuse_resume_trims_metrics_and_honours_log_every(zoo, tmp_path, monkeypatch):
+    cfg = tiny_fuse_config(zoo, tmp_path)  # 8 steps
+    cfg.train.checkpoint_every = 3
+    cfg.train.log_every = 2
+    real = fuse_loop.fuse_step
+    calls = {"n": 0}
+
+    def poisoned(state, frozen, batch, weights, key, *, st):
+        state, m = real(state, frozen, batch, weights, key, st=st)
+        calls["n"] += 1
+        return state, ({**m, "loss": np.float32("nan")} if calls["n"] == 5 else m)
+
+    monkeypatch.setattr(fuse_loop, "fuse_step", poisoned)
+    with pytest.raises(fuse_loop.FuseRunError, match="non-finite loss nan at step 5"):
+        fuse_loop.run_fusion(cfg, progress=False)
+    out = tmp_path / "tiny"
+    assert [r["step"] for r in _rows(out)] == [2, 4]  # row 4 is past the checkpoint at 3
+    assert _saved_steps(out) == [3]
+    monkeypatch.setattr(fuse_loop, "fuse_step", real)
+    res = fuse_loop.run_fusion(cfg, progress=False)
+    assert res.report["run"]["resumed_from_step"] == 3
+    assert [r["step"] for r in _rows(out)] == [2, 4, 6, 8]
+    assert set(_rows(out)[0]) >= {"loss", "lm_loss", "rdm", "grad_norm", "alpha", "time"}
+    other = tiny_fuse_config(zoo, tmp_path)
+    other.seed = 1
+    with pytest.raises(ResumeRefused, match=r"checkpoint was made for seed=0, this run gives "
+                                            r"seed=1"):
+        fuse_loop.run_fusion(other, progress=False)
 
 
 def test_no_update_when_an_epoch_is_shorter_than_accum(zoo, tmp_path):

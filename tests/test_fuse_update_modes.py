@@ -28,7 +28,7 @@ from hfjax.fusion import (
     predict_deltas,
 )
 from hfjax.testing.adapters import random_adapter
-from hfjax.testing.zoo import build_zoo, tiny_fuse_config
+from hfjax.testing.zoo import tiny_fuse_config
 from hfjax.training.fuse_loop import export, prepare, reuse_networks, run_fusion, statics_from
 from hfjax.training.fuse_step import patch_factors, patched_adapter, run_networks
 
@@ -142,8 +142,8 @@ def test_patched_adapter_replaces_A_and_B():
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"))
+def zoo(tiny_zoo):
+    return tiny_zoo()  # q/v sources, q/k/v target (k_proj unfused)
 
 
 def _config(zoo, out, mode):

@@ -14,8 +14,8 @@ import pytest
 
 from hfjax.atomic import write_json_atomic
 from hfjax.errors import RunDiverged, UserError
-from hfjax.testing.zoo import SMALL, build_zoo, tiny_fuse_config
-from hfjax.training import checkpointing, fuse_loop
+from hfjax.testing.zoo import SMALL
+from hfjax.training import checkpointing
 from hfjax.training.loop import LoopSettings, ResumeRefused, all_finite, run_loop
 
 T = 8
@@ -218,39 +218,3 @@ def test_pretrain_runs_through_the_loop(tmp_path):
         want.append(float(loss))
     assert losses == want and all(np.isfinite(losses))
     np.testing.assert_array_equal(jax.tree.leaves(params)[0], jax.tree.leaves(p)[0])
-
-
-# ----------------------------------------------------------------------------- fuse
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo_loop_fuse"), n_replay=8)
-
-
-def test_fuse_resume_trims_metrics_and_honours_log_every(zoo, tmp_path, monkeypatch):
-    cfg = tiny_fuse_config(zoo, tmp_path)  # 8 steps
-    cfg.train.checkpoint_every = 3
-    cfg.train.log_every = 2
-    real = fuse_loop.fuse_step
-    calls = {"n": 0}
-
-    def poisoned(state, frozen, batch, weights, key, *, st):
-        state, m = real(state, frozen, batch, weights, key, st=st)
-        calls["n"] += 1
-        return state, ({**m, "loss": np.float32("nan")} if calls["n"] == 5 else m)
-
-    monkeypatch.setattr(fuse_loop, "fuse_step", poisoned)
-    with pytest.raises(fuse_loop.FuseRunError, match="non-finite loss nan at step 5"):
-        fuse_loop.run_fusion(cfg, progress=False)
-    out = tmp_path / "tiny"
-    assert [r["step"] for r in rows(out)] == [2, 4]  # row 4 is past the checkpoint at 3
-    assert saved_steps(out) == [3]
-    monkeypatch.setattr(fuse_loop, "fuse_step", real)
-    res = fuse_loop.run_fusion(cfg, progress=False)
-    assert res.report["run"]["resumed_from_step"] == 3
-    assert [r["step"] for r in rows(out)] == [2, 4, 6, 8]
-    assert set(rows(out)[0]) >= {"loss", "lm_loss", "rdm", "grad_norm", "alpha", "time"}
-    other = tiny_fuse_config(zoo, tmp_path)
-    other.seed = 1
-    with pytest.raises(ResumeRefused, match=r"checkpoint was made for seed=0, this run gives "
-                                            r"seed=1"):
-        fuse_loop.run_fusion(other, progress=False)

@@ -14,18 +14,19 @@ from hfjax.study import EvalOptions, StudyError, bootstrap, parse_eval_data, run
 from hfjax.study.plan import DEFAULT_ROWS, make_plan, select_rows
 from hfjax.testing import tasks
 from hfjax.testing.models import random_lora
-from hfjax.testing.zoo import build_zoo, tiny_fuse_config
+from hfjax.testing.zoo import QKV, tiny_fuse_config
 
 SEEDS = (0, 1)
 OPTS = EvalOptions(batch_size=4, max_new_tokens=6, limit=4)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    zoo = build_zoo(root)
+def setup(tmp_path_factory, tiny_zoo):
+    root = tmp_path_factory.mktemp("study_inputs")
+    zoo = tiny_zoo()  # q/v sources, a q/k/v target, 8 replay examples a file
     llama = ModelConfig.from_hf(zoo["base_llama"])
-    zoo["llama_b"] = save_adapter(random_lora(llama, r=4, alpha=8, seed=13), root / "lora_b")
+    zoo["llama_b"] = save_adapter(random_lora(llama, r=4, alpha=8, seed=13, target_modules=QKV),
+                                  root / "lora_b")
     split = tasks.make_splits("movie", n_train=0, n_replay=0, n_test=4, seed=5)
     tasks.write_task_files(root / "test", {"movie": {"test": split["test"]}})
     cfg = tiny_fuse_config(zoo, root / "unused")

@@ -29,8 +29,19 @@ SMALL = {
 assert set(SMALL) == set(DEFAULT_SHAPES)
 
 
-def build_zoo(root: Path, *, r: int = 4, n_replay: int = 24) -> dict[str, Path]:
-    """Target model + tokenizer, target/source adapters and a replay data root."""
+QV = ("q_proj", "v_proj")  # source modules for fast tests: two fusion groups
+QKV = ("q_proj", "k_proj", "v_proj")  # a target over QV sources: k_proj stays unfused
+
+
+def build_zoo(root: Path, *, r: int = 4, n_replay: int = 24,
+              modules: tuple[str, ...] | None = None,
+              target_modules: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Target model + tokenizer, target/source adapters and a replay data root.
+
+    ``modules``: the projections the source LoRAs (and, without ``target_modules``, the
+    target LoRA) target; ``modules=QV, target_modules=QKV`` gives two fusion groups, a fuse
+    step that compiles ~3x faster than the default. By default the target and Qwen2 LoRAs
+    target every linear layer and the Mistral one ``q_proj, v_proj, down_proj``."""
     corpus = tasks.pretraining_corpus(300, seed=0)
     paths: dict[str, Path] = {}
     models = {}
@@ -38,13 +49,19 @@ def build_zoo(root: Path, *, r: int = 4, n_replay: int = 24) -> dict[str, Path]:
         tok = train_tokenizer(corpus, fam, 320, root / f"tok_{fam}")
         models[fam] = build_base_model(root / f"base_{fam}", shape, tok, seed=1)
         paths[f"base_{fam}"] = root / f"base_{fam}"
+    every = {"target_modules": modules} if modules else {}
+    target = target_modules or modules
     paths["target_adapter"] = save_adapter(
-        random_lora(models["llama"].config, r=r, alpha=2 * r, seed=10), root / "lora_llama")
+        random_lora(models["llama"].config, r=r, alpha=2 * r, seed=10,
+                    **({"target_modules": target} if target else {})),
+        root / "lora_llama")
     paths["qwen_adapter"] = save_adapter(
-        random_lora(models["qwen2"].config, r=r, alpha=2 * r, seed=11), root / "lora_qwen")
+        random_lora(models["qwen2"].config, r=r, alpha=2 * r, seed=11, **every),
+        root / "lora_qwen")
     paths["mistral_adapter"] = save_adapter(
         random_lora(models["mistral"].config, r=r, alpha=2 * r, seed=12,
-                    target_modules=("q_proj", "v_proj", "down_proj")), root / "lora_mistral")
+                    target_modules=modules or ("q_proj", "v_proj", "down_proj")),
+        root / "lora_mistral")
     splits = {name: {"replay": tasks.make_splits(name, n_train=0, n_replay=n_replay, n_test=0,
                                                  seed=3)["replay"]}
               for name in ("movie", "relation")}
