@@ -3,7 +3,7 @@
     hfjax fuse --config FILE[:ARG] [--config.FIELD=VALUE ...] [--dry_run]
     hfjax train-lora --config FILE [--config.FIELD=VALUE ...]
     hfjax eval --model DIR [--adapter DIR] --data FILE.json [--out DIR]
-    hfjax demo [--out DIR] [--fast]
+    hfjax demo [--out DIR] [--fast | --full]
     hfjax bench [--only small,mid,paper] [--skip-torch] [--skip-bridge] [--repeats N]
     hfjax memory
     hfjax tiny-zoo DIR
@@ -129,7 +129,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from hfjax.demo.pipeline import run_demo
 
-    summary = run_demo(args.out, fast=bool(args.fast), progress=not args.quiet)
+    summary = run_demo(args.out, fast=bool(args.fast), full=bool(args.full),
+                       progress=not args.quiet)
     text = Path(summary["report"]).read_text(encoding="utf-8")
     # The experts' ceiling, the study's tables and the verdicts; the rest stays in the file.
     start = text.index("## Experts on their own tasks")
@@ -295,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole pipeline on a synthetic heterogeneous zoo")
     d.add_argument("--out", default="demo_out", help="output directory (stages are cached)")
-    d.add_argument("--fast", action="store_true", help="tiny sizes (a minute or two)")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--fast", action="store_true", help="tiny sizes (a few minutes)")
+    mode.add_argument("--full", action="store_true",
+                      help="add a same-family oracle source (merges, projection) and a "
+                           "replay-size sweep (tens of minutes)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 

@@ -163,3 +163,28 @@ def test_interrupted_study_resumes_at_its_first_unfinished_run(
     runs = again["study"]["runs"]
     assert [k for k, r in runs.items() if not r["resumed"]] == [
         f"tuned_target/seed{FAST.seeds[-1]}"]
+
+
+@pytest.mark.slow
+def test_full_mode_adds_oracle_merges_and_replay_sweep(tmp_path: Path) -> None:
+    """`--full` at fast sizes: a same-family (Llama) source makes the merges and the
+    projection rows run, and each replay-sweep size gets its own study and a table line."""
+    import dataclasses
+
+    sizes = dataclasses.replace(
+        FAST, name="fast-full", source_tasks={**FAST.source_tasks, "llama": ("news",)},
+        replay_sweep=(4,), seeds=(0,),
+        study_rows=("target", "fused", "noise_sources", "tuned_target", "merge_linear",
+                    "project"), sweep_rows=("target", "fused", "noise_sources"))
+    summary = run_demo(tmp_path, sizes=sizes, progress=False)
+    study = summary["study"]
+    assert {"merge_linear", "project_llama_news"} <= set(study["rows"]), study["skipped"]
+    assert any(c.get("best_of") for c in study["comparisons"])  # fused vs the best merge
+    sweep = json.loads((tmp_path / "study" / "replay4" / "study.json").read_text())
+    assert sweep["rows"]["fused"]["train"]["0"]["replay"]["datasets"] == [
+        f"{t}_replay4" for t in sizes.tasks]
+    assert sweep["rows"]["fused"]["train"]["0"]["steps"] < study["rows"]["fused"]["train"][
+        "0"]["steps"]
+    report = Path(summary["report"]).read_text()
+    assert "## Replay-size sweep (H6)" in report and "- H5: " in report
+    assert "| 4 |" in report and f"| {sizes.n_replay} |" in report

@@ -74,6 +74,14 @@ experts' exact F1 alone; every fusion setting is the earlier demo's, not tuned; 
   trained further on the same replay with the same number of updates. Prior: none; judged
   two-sided.
 
+- **H5 (`--full` only: against homogeneous merging):** with a same-family (Llama) oracle
+  expert among the sources, the fused LoRA beats the best homogeneous merge / projection of
+  the target and that expert. No prior; judged two-sided; the best merge is chosen on the
+  test scores, which favours the merge.
+- **H6 (`--full` only: replay size):** the fused-minus-noise-sources difference on the source
+  tasks grows as the replay shrinks (4, 16 vs 64 per task), since less replay leaves more to
+  the sources. No prior.
+
 Decision rule: a comparison shows a gain (or a loss) only when the 95% interval of the
 difference, averaged over the source tasks, excludes 0; otherwise "no difference shown",
 which is not evidence of equality. Headline metric: exact micro F1; type-only F1 beside it.
@@ -254,6 +262,41 @@ def _comparison_lines(comps: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def _sweep_table(out: Path, sizes: Any, source_tasks: Sequence[str],
+                 main: Mapping[str, Any]) -> list[str]:
+    """Per replay size: each sweep row's source-task mean (exact / type-only) and the
+    fused-minus-noise difference with its interval."""
+    studies = {n: out / "study" / f"replay{n}" for n in sizes.replay_sweep}
+    studies[sizes.n_replay] = out / "study"
+    rows = [r for r in sizes.sweep_rows if r in main["rows"]]
+    head = ("| replay / task | " + " | ".join(main["rows"][r]["label"] for r in rows)
+            + " | fused − noise, exact | fused − noise, type-only |")
+    lines = [head, "|---:|" + "---:|" * (len(rows) + 2)]
+    for n in sorted(studies):
+        st = json.loads((studies[n] / "study.json").read_text())
+        cells = []
+        for r in rows:
+            ex = bootstrap(_counts(studies[n], st["rows"][r], source_tasks, "f1"), None, "f1")
+            ty = bootstrap(_counts(studies[n], st["rows"][r], source_tasks, "type_f1"), None,
+                           "type_f1")
+            cells.append(f"{ex['value']:.1f} / {ty['value']:.1f}")
+        diffs = {c["metric"]: c["avg"] for c in source_comparisons(studies[n], st, source_tasks)
+                 if (c["a"], c["b"]) == ("fused", "noise_sources")}
+        cells += [f"{d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]" if (d := diffs.get(m))
+                  else "–" for m in ("f1", "type_f1")]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return ["## Replay-size sweep (H6)", "",
+            "Source-task means x100 (exact / type-only) per row; the last two columns the "
+            "fused-minus-noise-sources difference [95% interval]. Same seeds, experts, "
+            "networks and step rule at every size (fewer replay examples: fewer steps).", "",
+            *lines, ""]
+
+
+def _merge_lines(study: Mapping[str, Any]) -> list[str]:
+    return [f"- H5: {c['verdict']} (all tasks; best of {', '.join(c['best_of'])}, chosen on "
+            "these test scores)" for c in study["comparisons"] if c.get("best_of")]
+
+
 def _fuse_dir(study_dir: Path, study: Mapping[str, Any], row: str, seed: int) -> Path | None:
     adapter = study["rows"].get(row, {}).get("adapters", {}).get(str(seed))
     return None if adapter is None else (study_dir / adapter).parent
@@ -328,6 +371,8 @@ def write_report(out: Path, work: Path, sizes: Any,
         *(["Rows not run:", "", *skipped, ""] if skipped else []),
         "## Verdicts on the source tasks", "",
         *_comparison_lines(comps), "",
+        *_merge_lines(study), "",
+        *(_sweep_table(out, sizes, source_tasks, study) if sizes.replay_sweep else []),
         "## Does the fused network read its sources? (probe)", "",
         "Relative change of ΔB when the trained network's sources are perturbed (target tokens "
         "untouched), and the fused adapter's test NLL (all tasks):", "",
