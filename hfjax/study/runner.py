@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -33,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hfjax.atomic import write_json_atomic
 from hfjax.study.plan import Row, StudyError, Unit, field_exists, make_plan, select_rows
 
 __all__ = ["EvalOptions", "StudyError", "parse_eval_data", "run_study"]
@@ -69,12 +69,6 @@ def parse_eval_data(text: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------- inputs
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _model_type(model_dir: str) -> str | None:
@@ -368,7 +362,8 @@ def run_study(fuse_cfg: Any, eval_data: Mapping[str, str], *, seeds: Sequence[in
             rec = load_done(st, unit)
             if rec is None:
                 rec = run_unit(st, unit, done)
-                _write_json(st.out / "runs" / unit.key / _UNIT_FILE, rec)
+                write_json_atomic(st.out / "runs" / unit.key / _UNIT_FILE, rec, indent=1,
+                                  default=str)
             else:
                 rec["resumed"] = True
             done[unit.key] = rec
