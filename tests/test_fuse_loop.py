@@ -6,6 +6,7 @@ import json
 import math
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,26 +69,34 @@ def test_stream_resume_position(zoo, tmp_path):
             np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(zoo, tmp_path, monkeypatch):
-    cfg = tiny_fuse_config(zoo, tmp_path)
-    cfg.train.checkpoint_every = 1
+def _poison_loss_at(monkeypatch: pytest.MonkeyPatch, call: int) -> Any:
+    """Make the fuse step report a NaN loss on its ``call``-th call (the update still runs);
+    returns the real step."""
     real = fuse_loop.fuse_step
     calls = {"n": 0}
 
     def poisoned(state, frozen, batch, weights, key, *, st):
         state, m = real(state, frozen, batch, weights, key, st=st)
         calls["n"] += 1
-        if calls["n"] == 3:
-            m = {**m, "loss": np.float32("nan")}
-        return state, m
+        return state, ({**m, "loss": np.float32("nan")} if calls["n"] == call else m)
 
     monkeypatch.setattr(fuse_loop, "fuse_step", poisoned)
+    return real
+
+
+def _saved_steps(out: Path) -> list[int]:
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(zoo, tmp_path, monkeypatch):
+    cfg = tiny_fuse_config(zoo, tmp_path)
+    cfg.train.checkpoint_every = 1
+    _poison_loss_at(monkeypatch, 3)
     with pytest.raises(fuse_loop.FuseRunError, match="non-finite loss nan at step 3.*step 2"):
         fuse_loop.run_fusion(cfg, progress=False)
     out = tmp_path / "tiny"
     assert not (out / "merged_lora").exists()
-    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 2
+    assert _saved_steps(out)[-1] == 2
 
 
 # Moved from test_loop.py (the shared loop's contract, on a real fuse run): here it reuses
@@ -96,23 +105,11 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _saved_steps(out: Path) -> list[int]:
-    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-
-
 def test_fuse_resume_trims_metrics_and_honours_log_every(zoo, tmp_path, monkeypatch):
     cfg = tiny_fuse_config(zoo, tmp_path)  # 8 steps
     cfg.train.checkpoint_every = 3
     cfg.train.log_every = 2
-    real = fuse_loop.fuse_step
-    calls = {"n": 0}
-
-    def poisoned(state, frozen, batch, weights, key, *, st):
-        state, m = real(state, frozen, batch, weights, key, st=st)
-        calls["n"] += 1
-        return state, ({**m, "loss": np.float32("nan")} if calls["n"] == 5 else m)
-
-    monkeypatch.setattr(fuse_loop, "fuse_step", poisoned)
+    real = _poison_loss_at(monkeypatch, 5)
     with pytest.raises(fuse_loop.FuseRunError, match="non-finite loss nan at step 5"):
         fuse_loop.run_fusion(cfg, progress=False)
     out = tmp_path / "tiny"
