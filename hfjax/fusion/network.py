@@ -366,7 +366,7 @@ def init_fusion_params(
     return {"nets": nets, "alpha": alpha}
 
 
-def predict_deltas(
+def predict_group_deltas(
     params: Mapping[str, Any],
     contexts: Mapping[str, Any],
     plan: FusionPlan,
@@ -380,26 +380,12 @@ def predict_deltas(
     col_view: str = "auto",
     stack_groups: bool = True,
 ) -> tuple[dict[str, Array], dict[str, Array], dict[str, list[dict[str, Array]]]]:
-    """Run every group's network on its buckets and un-block what ``plan.update_mode``
-    patches (docs/algorithm.md §4, §11).
+    """`predict_deltas` with each group's deltas stacked: ``{group: (M_g, r, d_in)}`` (ΔA) and
+    ``{group: (M_g, d_out, r)}`` (ΔB), module ``i`` being ``g.modules[i]`` (ascending layer).
 
-    The decoded rows of one module are un-blocked like the original: B from the B tokens,
-    ``ΔB = delta_B_rows.reshape(-1, r)[:d_out]``; A from the ``A^T`` tokens,
-    ``ΔA = delta_A_rows.reshape(-1, r)[:d_in].T``, shape ``(r, d_in)`` like PEFT's A.
-
-    Args:
-        params: ``init_fusion_params``'s tree (``"nets"`` is used; ``"alpha"`` ignored).
-        contexts: ``build_contexts``'s output (numpy or jax arrays; a pytree).
-        plan: the plan the contexts were built from (static).
-        dtype, col_view: see :class:`TransferNet` (they do not change the parameters).
-        stack_groups: run same-shaped groups as one vmapped call (`group_clusters`); the
-            parameter tree stays one entry per group.
-
-    Returns:
-        ``delta_A``: ``{module name: (r, d_in) float32}`` (a_only / ab_joint, else empty),
-        ``delta_B``: ``{module name: (d_out, r) float32}`` (b_only / ab_joint, else empty)
-        for every fused module, and ``aux``: ``{group: [per bucket {"z_t", "z_s", "attn"}]}``
-        (for the RDM and reports; ``attn`` covers the decoded tokens).
+    Every bucket is un-blocked by one reshape and slice for all its modules (the modules of a
+    group share ``d_in`` and ``d_out``), so the number of operations does not grow with the
+    number of modules; the training step works on these arrays (docs/performance.md §6).
     """
     mode = plan.update_mode
     delta_A: dict[str, Array] = {}
@@ -430,18 +416,93 @@ def predict_deltas(
                 for gi in range(len(cluster)):
                     per_group[gi].append(tuple(o[gi] for o in out))
         for g, outs in zip(cluster, per_group, strict=True):
+            d_in, d_out = _group_dims(g)
+            parts_A, parts_B = [], []
             for b, (delta, attn, z_t, z_s) in zip(g.buckets, outs, strict=True):
                 lo, _ = query_range(mode, b.n_a, b.n_t)
-                for i, m in enumerate(b.modules):
-                    d = delta[i].astype(jnp.float32)  # rows: decoded tokens lo .. hi-1
-                    if plan.patches_A:
-                        d_a = d[: b.n_a - lo]  # lo = 0 whenever A is decoded
-                        delta_A[m.name] = d_a.reshape(-1, g.rank)[: m.d_in].T
-                    if plan.patches_B:
-                        d_b = d[b.n_a - lo:]
-                        delta_B[m.name] = d_b.reshape(-1, g.rank)[: m.d_out]
+                d = delta.astype(jnp.float32)  # (M_b, decoded tokens lo .. hi-1, F)
+                m_b = d.shape[0]
+                if plan.patches_A:  # lo = 0 whenever A is decoded
+                    parts_A.append(jnp.swapaxes(
+                        d[:, : b.n_a - lo].reshape(m_b, -1, g.rank)[:, :d_in], 1, 2))
+                if plan.patches_B:
+                    parts_B.append(d[:, b.n_a - lo:].reshape(m_b, -1, g.rank)[:, :d_out])
                 aux[g.name].append({"z_t": z_t, "z_s": z_s, "attn": attn})
+            order = _module_order(g)
+            if parts_A:
+                delta_A[g.name] = _in_order(parts_A, order)
+            if parts_B:
+                delta_B[g.name] = _in_order(parts_B, order)
     return delta_A, delta_B, aux
+
+
+def _group_dims(g: Group) -> tuple[int, int]:
+    """``(d_in, d_out)`` shared by every module of ``g``."""
+    dims = {(m.d_in, m.d_out) for m in g.modules}
+    if len(dims) != 1:
+        raise FusionError(f"group {g.name}: its modules differ in shape {sorted(dims)}")
+    return dims.pop()
+
+
+def _module_order(g: Group) -> tuple[int, ...] | None:
+    """Where ``g.modules[i]`` sits in the buckets' concatenated modules (None: in place)."""
+    flat = [m.name for b in g.buckets for m in b.modules]
+    order = tuple(flat.index(m.name) for m in g.modules)
+    return None if order == tuple(range(len(order))) else order
+
+
+def _in_order(parts: list[Array], order: tuple[int, ...] | None) -> Array:
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return x if order is None else jnp.take(x, jnp.asarray(order), axis=0)
+
+
+def split_groups(stacked: Mapping[str, Array], plan: FusionPlan) -> dict[str, Array]:
+    """Group-stacked arrays (`predict_group_deltas`, `fused_group`) as ``{module name: array}``."""
+    out = {}
+    for g in plan.groups:
+        if g.name in stacked:
+            for i, m in enumerate(g.modules):
+                out[m.name] = stacked[g.name][i]
+    return out
+
+
+def stack_groups(per_module: Mapping[str, Any], plan: FusionPlan) -> dict[str, Array]:
+    """The inverse of `split_groups`: ``{group: (M_g, ...)}`` in ``g.modules`` order."""
+    return {g.name: jnp.stack([jnp.asarray(per_module[m.name]) for m in g.modules])
+            for g in plan.groups}
+
+
+def predict_deltas(
+    params: Mapping[str, Any],
+    contexts: Mapping[str, Any],
+    plan: FusionPlan,
+    **kwargs: Any,
+) -> tuple[dict[str, Array], dict[str, Array], dict[str, list[dict[str, Array]]]]:
+    """Run every group's network on its buckets and un-block what ``plan.update_mode``
+    patches (docs/algorithm.md §4, §11).
+
+    The decoded rows of one module are un-blocked like the original: B from the B tokens,
+    ``ΔB = delta_B_rows.reshape(-1, r)[:d_out]``; A from the ``A^T`` tokens,
+    ``ΔA = delta_A_rows.reshape(-1, r)[:d_in].T``, shape ``(r, d_in)`` like PEFT's A.
+
+    Args:
+        params: ``init_fusion_params``'s tree (``"nets"`` is used; ``"alpha"`` ignored).
+        contexts: ``build_contexts``'s output (numpy or jax arrays; a pytree).
+        plan: the plan the contexts were built from (static).
+        kwargs: the network's settings (`predict_group_deltas`): ``embed_dim``,
+            ``num_heads``, ``max_pos``, ``mu_gate``, ``gate``; ``dtype`` and ``col_view``
+            (see :class:`TransferNet`; they do not change the parameters); ``stack_groups``
+            (run same-shaped groups as one vmapped call, `group_clusters`; the parameter
+            tree stays one entry per group).
+
+    Returns:
+        ``delta_A``: ``{module name: (r, d_in) float32}`` (a_only / ab_joint, else empty),
+        ``delta_B``: ``{module name: (d_out, r) float32}`` (b_only / ab_joint, else empty)
+        for every fused module, and ``aux``: ``{group: [per bucket {"z_t", "z_s", "attn"}]}``
+        (for the RDM and reports; ``attn`` covers the decoded tokens).
+    """
+    delta_A, delta_B, aux = predict_group_deltas(params, contexts, plan, **kwargs)
+    return split_groups(delta_A, plan), split_groups(delta_B, plan), aux
 
 
 def predict_delta_B(
@@ -475,6 +536,20 @@ def group_clusters(plan: FusionPlan) -> list[list[Group]]:
         clusters.setdefault(_bucket_signature(g), []).append(g)
     return list(clusters.values())
 
+
+
+def fused_group(
+    target: Mapping[str, Array],
+    delta: Mapping[str, Array],
+    alpha: Mapping[str, Array],
+    plan: FusionPlan,
+) -> dict[str, Array]:
+    """``target_g + alpha_g * Δ_g`` (float32) per group, on group-stacked arrays
+    (`stack_groups` of the target's B or A; `predict_group_deltas`' ΔB or ΔA); pure and
+    differentiable. `split_groups` of it equals `fused_B` / `fused_A`."""
+    return {g.name: jnp.asarray(target[g.name], jnp.float32)
+            + jnp.asarray(alpha[g.name], jnp.float32) * delta[g.name]
+            for g in plan.groups if g.name in delta}
 
 
 def fused_B(

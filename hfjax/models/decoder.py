@@ -36,6 +36,7 @@ float32 then cast, the causal (and sliding-window) mask by token index, padding 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -181,15 +182,21 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, adapter: Adapter | None = None, *,
             position_ids: jax.Array | None = None, cache: Cache | None = None,
             cache_index: jax.Array | int | None = None, return_hidden: bool = False,
-            remat: bool = False) -> tuple[jax.Array, Cache | None]:
+            remat: bool = False, stacked_lora: dict[str, Any] | None = None
+            ) -> tuple[jax.Array, Cache | None]:
     """Run the decoder. Returns ``(logits float32 (B, T, V) or hidden (B, T, D), new_cache)``.
 
     Without ``cache``, ``attention_mask`` (B, T) marks real tokens and positions default to
     ``arange(T)`` (as transformers' forward). With ``cache`` (from `init_cache`), the T new
     tokens are written at ``cache_index``; ``attention_mask`` then covers the new tokens and
     the cache remembers which earlier slots were real.
+
+    ``stacked_lora`` (stacked params only) is the adapter already in the scanned layout
+    (`stack_adapter`, patched with `set_stacked`); it replaces ``adapter``.
     """
     adapter = adapter or {}
+    if stacked_lora is not None and not is_stacked(params):
+        raise ValueError("stacked_lora needs stacked params (stack_layers)")
     b, t = input_ids.shape
     emb = params["embed"]
     dtype = emb.dtype
@@ -223,7 +230,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     if is_stacked(params):
         x, new_layers = _scan_layers(x, params["layers"], cfg, rotary, masks, adapter,
                                      None if cache is None else cache["layers"], start,
-                                     q_idx, k_idx, k_valid, remat)
+                                     q_idx, k_idx, k_valid, remat, stacked_lora)
     else:
         x, new_layers = _loop_layers(x, params["layers"], cfg, rotary, masks, adapter,
                                      None if cache is None else cache["layers"], start, remat)
@@ -320,6 +327,37 @@ def stack_adapter(adapter: Adapter, cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+def kind_of(suffix: str) -> str:
+    """The module kind (``q_proj``) of a path suffix under ``model.layers.{i}.``
+    (``self_attn.q_proj``)."""
+    for kind, hf in _KINDS.items():
+        if hf == suffix:
+            return kind
+    raise KeyError(f"{suffix!r} is not a decoder module the LoRA forward patches")
+
+
+def set_stacked(stacked: dict[str, Any], suffix: str, factor: str, layers: Sequence[int],
+                values: jax.Array) -> dict[str, Any]:
+    """``stacked`` (`stack_adapter`'s) with ``factor`` (``"A"`` or ``"B"``) of the
+    ``suffix`` modules replaced at ``layers`` by ``values`` (one row per layer, zero-padded to
+    the kind's rank as `stack_adapter` pads). Covering every layer in order replaces the
+    array; otherwise one scatter. Pure and differentiable in ``values``."""
+    kind = kind_of(suffix)
+    entry = stacked[kind]
+    if entry is None:
+        raise KeyError(f"the adapter has no {suffix} module to replace")
+    old = entry[factor]
+    axis = 1 if factor == "A" else 2  # the rank axis of (N, r, d_in) / (N, d_out, r)
+    v = values.astype(old.dtype)
+    if v.shape[axis] != old.shape[axis]:
+        widths = [(0, 0)] * v.ndim
+        widths[axis] = (0, old.shape[axis] - v.shape[axis])
+        v = jnp.pad(v, widths)
+    layers = tuple(int(i) for i in layers)
+    new = v if layers == tuple(range(old.shape[0])) else old.at[jnp.asarray(layers)].set(v)
+    return {**stacked, kind: {**entry, factor: new}}
+
+
 def layer_plan(cfg: ModelConfig, adapter_modules: Any = (), stacked: bool = True) -> str:
     """One line saying how `forward` runs the layers: scanned (and which per-layer values
     ride along as arrays) or an unrolled loop."""
@@ -360,12 +398,14 @@ def _loop_layers(x: jax.Array, layers: list[Params], cfg: ModelConfig, rotary: d
 
 def _scan_layers(x: jax.Array, layers: Params, cfg: ModelConfig, rotary: dict, masks: dict,
                  adapter: Adapter, kv_layers: Any, start: jax.Array, q_idx: jax.Array,
-                 k_idx: jax.Array, k_valid: jax.Array, remat: bool) -> tuple[jax.Array, Any]:
+                 k_idx: jax.Array, k_valid: jax.Array, remat: bool,
+                 stacked_lora: dict[str, Any] | None = None) -> tuple[jax.Array, Any]:
     """All layers as one `lax.scan`: compile time independent of depth. Per-layer values
     (window, local-RoPE flag, LoRAs) are scanned arrays; uniform ones stay closed over."""
     windows = [w or 0 for w in cfg.sliding_windows]
     local = [w is not None and cfg.rope_local_theta is not None for w in cfg.sliding_windows]
-    xs: dict[str, Any] = {"p": layers, "lora": stack_adapter(adapter, cfg)}
+    lora = stack_adapter(adapter, cfg) if stacked_lora is None else stacked_lora
+    xs: dict[str, Any] = {"p": layers, "lora": lora}
     if len(set(windows)) > 1:
         xs["window"] = jnp.asarray(windows, jnp.int32)
     if len(set(local)) > 1:

@@ -32,9 +32,11 @@ import jax.numpy as jnp
 import optax
 
 from hfjax.config.components import OptimizerConfig, RDMConfig, TransferNetConfig
-from hfjax.fusion import average_rdm, fused_A, fused_B, predict_deltas
+from hfjax.fusion import average_rdm
+from hfjax.fusion.network import fused_group, predict_group_deltas, split_groups, stack_groups
 from hfjax.fusion.plan import FusionPlan
 from hfjax.models.config import ModelConfig
+from hfjax.models.decoder import is_stacked, set_stacked, stack_adapter
 from hfjax.training.objective import lm_loss
 
 
@@ -87,6 +89,24 @@ def patch_factors(adapter: dict[str, Any], factors: dict[str, dict[str, jax.Arra
     return patched_adapter(adapter, factors.get("B", {}), factors.get("A"))
 
 
+def group_factors(params: dict[str, Any], frozen: dict[str, Any], st: FuseStatics
+                  ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, Any], dict[str, Any]]:
+    """`run_networks` with each group's factors stacked: ``{"B"?: {group: (M_g, d_out, r)},
+    "A"?: {group: (M_g, r, d_in)}}`` (module ``i`` = ``group.modules[i]``), the z's and the
+    attention. The step works on these: a few arrays per group, however deep the model."""
+    plan = st.plan
+    delta_A, delta_B, aux = predict_group_deltas(params, frozen["contexts"], plan,
+                                                 **st.net_kwargs)
+    factors: dict[str, dict[str, jax.Array]] = {}
+    for f, delta in (("B", delta_B), ("A", delta_A)):
+        if delta:
+            target = stack_groups({n: frozen["adapter"][n][f] for n in plan.fused_modules}, plan)
+            factors[f] = fused_group(target, delta, params["alpha"], plan)
+    zs = {g: [{"z_t": a["z_t"], "z_s": a["z_s"]} for a in buckets] for g, buckets in aux.items()}
+    attn = {g: [a["attn"] for a in buckets] for g, buckets in aux.items()}
+    return factors, zs, attn
+
+
 def run_networks(params: dict[str, Any], frozen: dict[str, Any], st: FuseStatics
                  ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, Any], dict[str, Any]]:
     """(patched factors, z's per group/bucket for the RDM, attention per group).
@@ -95,18 +115,21 @@ def run_networks(params: dict[str, Any], frozen: dict[str, Any], st: FuseStatics
     ``{"A": {module: A'}}`` under a_only and both under ab_joint (``st.plan.update_mode``,
     static): only the patched factors are computed, and only they carry gradients.
     """
-    plan = st.plan
-    delta_A, delta_B, aux = predict_deltas(params, frozen["contexts"], plan, **st.net_kwargs)
-    factors: dict[str, dict[str, jax.Array]] = {}
-    if plan.patches_B:
-        target_B = {n: frozen["adapter"][n]["B"] for n in plan.fused_modules}
-        factors["B"] = fused_B(target_B, delta_B, params["alpha"], plan)
-    if plan.patches_A:
-        target_A = {n: frozen["adapter"][n]["A"] for n in plan.fused_modules}
-        factors["A"] = fused_A(target_A, delta_A, params["alpha"], plan)
-    zs = {g: [{"z_t": a["z_t"], "z_s": a["z_s"]} for a in buckets] for g, buckets in aux.items()}
-    attn = {g: [a["attn"] for a in buckets] for g, buckets in aux.items()}
-    return factors, zs, attn
+    factors, zs, attn = group_factors(params, frozen, st)
+    return {f: split_groups(v, st.plan) for f, v in factors.items()}, zs, attn
+
+
+def stacked_patch(stacked: dict[str, Any], factors: dict[str, dict[str, jax.Array]],
+                  plan: FusionPlan) -> dict[str, Any]:
+    """`stack_adapter`'s layout of the target adapter with `group_factors`' factors in place
+    (the scanned forward's ``stacked_lora``)."""
+    for f, per_group in factors.items():
+        for g in plan.groups:
+            mods = g.modules
+            if g.name in per_group:
+                stacked = set_stacked(stacked, mods[0].suffix, f, [m.layer for m in mods],
+                                      per_group[g.name])
+    return stacked
 
 
 def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches: dict,
@@ -114,12 +137,19 @@ def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches
                    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """Window loss ``Σ w_i (LM_i + λ·avg_rdm_i)`` and its gradient w.r.t. the trained params
     (networks + α's)."""
-    (new_B, zs), vjp_fn = jax.vjp(lambda p: run_networks(p, frozen, st)[:2], params)
-    adapter = frozen["adapter"]  # new_B: the patched factors, {"B"?: ..., "A"?: ...}
+    (new_f, zs), vjp_fn = jax.vjp(lambda p: group_factors(p, frozen, st)[:2], params)
+    adapter = frozen["adapter"]  # new_f: the patched factors, {"B"?: ..., "A"?: ...} per group
+    if is_stacked(frozen["base"]):  # scanned layers: the factors go in as a few stacked arrays
+        target = stack_adapter(adapter, st.model)
 
-    def lm(b: dict[str, dict[str, jax.Array]], batch: dict) -> jax.Array:
-        return lm_loss(frozen["base"], st.model, batch, patch_factors(adapter, b),
-                       remat=st.remat)
+        def lm(f: dict[str, dict[str, jax.Array]], batch: dict) -> jax.Array:
+            return lm_loss(frozen["base"], st.model, batch, None, remat=st.remat,
+                           stacked_lora=stacked_patch(target, f, st.plan))
+    else:
+        def lm(f: dict[str, dict[str, jax.Array]], batch: dict) -> jax.Array:
+            split = {k: split_groups(v, st.plan) for k, v in f.items()}
+            return lm_loss(frozen["base"], st.model, batch, patch_factors(adapter, split),
+                           remat=st.remat)
 
     def rdm(z: dict[str, Any], k: jax.Array) -> jax.Array:
         return average_rdm(z, k, **st.rdm_kwargs)
@@ -127,14 +157,14 @@ def loss_and_grads(params: dict[str, Any], frozen: dict[str, Any], micro_batches
     def micro(carry, xs):
         lm_sum, rdm_sum, g_b, g_z = carry
         batch, w, i = xs
-        lm_i, gb_i = jax.value_and_grad(lm)(new_B, batch)
+        lm_i, gb_i = jax.value_and_grad(lm)(new_f, batch)
         rdm_i, gz_i = jax.value_and_grad(rdm)(zs, jax.random.fold_in(key, i))
         g_b = jax.tree.map(lambda a, b: a + w * b, g_b, gb_i)
         g_z = jax.tree.map(lambda a, b: a + w * b, g_z, gz_i)
         return (lm_sum + w * lm_i, rdm_sum + w * rdm_i, g_b, g_z), None
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(jnp.zeros_like, new_B), jax.tree.map(jnp.zeros_like, zs))
+             jax.tree.map(jnp.zeros_like, new_f), jax.tree.map(jnp.zeros_like, zs))
     n_micro = weights.shape[0]
     (lm_sum, rdm_sum, g_b, g_z), _ = jax.lax.scan(
         micro, zeros, (micro_batches, weights, jnp.arange(n_micro)))

@@ -24,9 +24,11 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arra
 
 
 def lm_loss(params: dict[str, Any], cfg: ModelConfig, batch: dict[str, jax.Array],
-            adapter: Adapter, *, remat: bool = False) -> jax.Array:
-    """Mean cross-entropy over the batch's supervised tokens (0 when there are none)."""
+            adapter: Adapter | None, *, remat: bool = False,
+            stacked_lora: dict[str, Any] | None = None) -> jax.Array:
+    """Mean cross-entropy over the batch's supervised tokens (0 when there are none).
+    ``stacked_lora``: `forward`'s (the adapter already in the scanned layout)."""
     logits, _ = forward(params, cfg, batch["input_ids"], batch["attention_mask"], adapter,
-                        remat=remat)
+                        remat=remat, stacked_lora=stacked_lora)
     total, count = token_nll(logits, batch["labels"])
     return total / jnp.maximum(count, 1)
