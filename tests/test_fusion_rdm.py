@@ -14,6 +14,9 @@ from hfjax.fusion.rdm import (
     _rank_match_host,
     _rank_match_rows,
     group_key,
+    group_keys,
+    pair_draws,
+    pair_rdm,
     rdm_draws,
     rdm_from_draws,
 )
@@ -104,6 +107,30 @@ def test_draws_follow_spec():
     np.testing.assert_allclose(jnp.linalg.norm(P, axis=0), 1.0, rtol=1e-5)
 
 
+def test_pair_draws_follow_spec_from_one_draw():
+    """`pair_draws` cuts one normal draw into the two samples and two direction sets that
+    `rdm_draws` would make; `pair_rdm` is the sum of the two `rdm_from_draws`."""
+    key = jax.random.key(3)
+    (y_t, P_t), (y_s, P_s) = pair_draws(key, 3000, 1000, 8, mu_target=0.5, sigma_target=2.0,
+                                        num_projections=32)
+    assert y_t.shape == (3000, 8) and y_s.shape == (1000, 8) and P_t.shape == P_s.shape == (8, 32)
+    for y in (y_t, y_s):
+        assert float(y.min()) == 0.0 and abs(float((y == 0).mean()) - 0.4013) < 0.04
+    for P in (P_t, P_s):
+        np.testing.assert_allclose(jnp.linalg.norm(P, axis=0), 1.0, rtol=1e-5)
+    flat = np.asarray(jax.random.normal(key, (2 * 8 * 32 + 4000 * 8,)))
+    np.testing.assert_allclose(np.maximum(flat[:8] * 2.0 + 0.5, 0), y_t[0], rtol=1e-6)
+    assert abs(float(np.corrcoef(np.asarray(P_t).ravel(), np.asarray(P_s).ravel())[0, 1])) < 0.2
+    zt, zs = jnp.asarray(embeddings(0, (2, 3, 16))), jnp.asarray(embeddings(1, (2, 5, 16)))
+    (a, pa), (b, pb) = pair_draws(key, 6, 10, 16, **{k: v for k, v in KW.items() if k != "sort"})
+    want = rdm_from_draws(zt, a, pa) + rdm_from_draws(zs, b, pb)
+    np.testing.assert_allclose(pair_rdm(zt, zs, key, **KW), want, rtol=1e-6)
+    ks = group_keys(key, ["q_proj_r4", "v_proj_r4"])
+    for i, g in enumerate(["q_proj_r4", "v_proj_r4"]):
+        np.testing.assert_array_equal(jax.random.key_data(ks[i]),
+                                      jax.random.key_data(group_key(key, g)))
+
+
 def test_keys_drive_randomness():
     z = jnp.asarray(embeddings())
     a = rdm_loss(z, jax.random.key(0), **KW)
@@ -124,15 +151,14 @@ def test_average_rdm_combines_groups_and_buckets():
     key = jax.random.key(5)
 
     def module(name, b, i, zt, zs_):
-        k_t, k_s = jax.random.split(
-            jax.random.fold_in(jax.random.fold_in(group_key(key, name), b), i))
-        return rdm_loss(zt[i], k_t, **KW) + rdm_loss(zs_[i], k_s, **KW)
+        k = jax.random.fold_in(jax.random.fold_in(group_key(key, name), b), i)
+        return pair_rdm(zt[i], zs_[i], k, **KW)
 
     per_module = ([module("q_proj_r4", 0, i, zs[0], zs[1]) for i in range(2)]
                   + [module("q_proj_r4", 1, i, zs[2], zs[3]) for i in range(3)])
     q = sum(per_module) / 5  # weighted by modules, not a mean of the two bucket means
-    k_t, k_s = jax.random.split(jax.random.fold_in(group_key(key, "v_proj_r4"), 0))
-    v = rdm_loss(zs[4], k_t, **KW) + rdm_loss(zs[5], k_s, **KW)  # pooled over both modules
+    v = pair_rdm(zs[4], zs[5], jax.random.fold_in(group_key(key, "v_proj_r4"), 0),
+                 **KW)  # pooled over both modules
     got = average_rdm(aux, key, **KW)
     np.testing.assert_allclose(got, (q + v) / 2, rtol=1e-6)
     bucket_mean = (sum(per_module[:2]) / 2 + sum(per_module[2:]) / 3) / 2

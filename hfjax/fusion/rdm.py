@@ -145,37 +145,73 @@ def rdm_loss(
     return rdm_from_draws(z, y, P, activation=activation, sort=sort)
 
 
+def _group_id(group: str) -> int:
+    return zlib.crc32(group.encode()) & 0x7FFFFFFF
+
+
 def group_key(key: Array, group: str) -> Array:
     """A group's key: ``fold_in(key, crc32(group name))``: independent of the other groups."""
-    return jax.random.fold_in(key, zlib.crc32(group.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(key, _group_id(group))
 
 
-def _module_rdm(zt: Array, zs: Array, key: Array, rdm_kwargs: Mapping[str, Any]) -> Array:
-    """``L(z_t,m) + L(z_s,m)`` for one module's ``z_t (n_t, E)``, ``z_s (n_s, E)``."""
-    k_t, k_s = jax.random.split(key)
-    return rdm_loss(zt, k_t, **rdm_kwargs) + rdm_loss(zs, k_s, **rdm_kwargs)
+def group_keys(key: Array, groups: Sequence[str]) -> Array:
+    """`group_key` of each of ``groups``, stacked (one vmapped call)."""
+    ids = jnp.asarray([_group_id(g) for g in groups], jnp.uint32)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids)
+
+
+def pair_draws(key: Array, n_t: int, n_s: int, dim: int, *, mu_target: float = 0.0,
+               sigma_target: float = 1.0, num_projections: int = 2048,
+               activation: str = "relu") -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """``((y_t, P_t), (y_s, P_s))`` for one ``L(z_t) + L(z_s)`` pair, as `rdm_draws` makes them
+    (rectified sample, unit-norm directions) but from ONE normal draw of ``key`` cut in four:
+    one random-number kernel per pair instead of six (docs/performance.md §6)."""
+    K = num_projections
+    sizes = (n_t * dim, dim * K, n_s * dim, dim * K)
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    cuts = np.cumsum(sizes)[:-1].tolist()
+    a, b, c, d = jnp.split(flat, cuts)
+
+    def y(x: Array, n: int) -> Array:
+        return _activate(x.reshape(n, dim) * sigma_target + mu_target, activation)
+
+    def P(x: Array) -> Array:
+        x = x.reshape(dim, K)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=0, keepdims=True), 1e-12)
+
+    return (y(a, n_t), P(b)), (y(c, n_s), P(d))
+
+
+def pair_rdm(zt: Array, zs: Array, key: Array, *, activation: str = "relu",
+             sort: str = "auto", **draw_kwargs: Any) -> Array:
+    """``L(z_t) + L(z_s)`` with `pair_draws`' draws (``z (..., E)``, pooled over ``...``)."""
+    n_t, n_s = int(np.prod(zt.shape[:-1])), int(np.prod(zs.shape[:-1]))
+    (y_t, P_t), (y_s, P_s) = pair_draws(key, n_t, n_s, zt.shape[-1], activation=activation,
+                                        **draw_kwargs)
+    return (rdm_from_draws(zt, y_t, P_t, activation=activation, sort=sort)
+            + rdm_from_draws(zs, y_s, P_s, activation=activation, sort=sort))
 
 
 def group_rdm(buckets: Sequence[Mapping[str, Array]], key: Array, **rdm_kwargs: Any) -> Array:
     """One group's ``rdm_g``, as the first release computes it (docs/algorithm.md §6).
 
     One bucket (every module has the same token counts: the original stacks the group into
-    one batch): ``L(z_t) + L(z_s)`` with ``z`` pooled over all the group's modules, keys
-    ``split(fold_in(key, 0))``. Several buckets (the original runs module by module): the mean
-    over the group's modules ``m`` of ``L(z_t,m) + L(z_s,m)``, vmapped over each bucket's
-    modules; module ``i`` of bucket ``b`` uses ``split(fold_in(fold_in(key, b), i))``.
+    one batch): ``L(z_t) + L(z_s)`` with ``z`` pooled over all the group's modules, drawn by
+    `pair_draws` from ``fold_in(key, 0)``. Several buckets (the original runs module by
+    module): the mean over the group's modules ``m`` of ``L(z_t,m) + L(z_s,m)``, vmapped over
+    each bucket's modules; module ``i`` of bucket ``b`` draws from
+    ``fold_in(fold_in(key, b), i)``.
     """
     if len(buckets) == 1:
-        k_t, k_s = jax.random.split(jax.random.fold_in(key, 0))
-        return (rdm_loss(buckets[0]["z_t"], k_t, **rdm_kwargs)
-                + rdm_loss(buckets[0]["z_s"], k_s, **rdm_kwargs))
+        return pair_rdm(buckets[0]["z_t"], buckets[0]["z_s"], jax.random.fold_in(key, 0),
+                        **rdm_kwargs)
     total = jnp.zeros((), jnp.float32)
     n_modules = 0
     for b, a in enumerate(buckets):
         m = a["z_t"].shape[0]
         kb = jax.random.fold_in(key, b)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(kb, jnp.arange(m))
-        vals = jax.vmap(lambda zt, zs, k: _module_rdm(zt, zs, k, rdm_kwargs))(
+        vals = jax.vmap(lambda zt, zs, k: pair_rdm(zt, zs, k, **rdm_kwargs))(
             a["z_t"], a["z_s"], keys)
         total = total + jnp.sum(vals)
         n_modules += m
@@ -205,7 +241,7 @@ def average_rdm(aux: Mapping[str, Sequence[Mapping[str, Array]]], key: Array,
         clusters.setdefault(sig, []).append(name)
     value: dict[str, Array] = {}
     for members in clusters.values():
-        keys = jnp.stack([group_key(key, n) for n in members])
+        keys = group_keys(key, members)
         if len(members) == 1:
             value[members[0]] = group_value(
                 [{"z_t": a["z_t"], "z_s": a["z_s"]} for a in aux[members[0]]], keys[0])
