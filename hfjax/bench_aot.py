@@ -5,6 +5,7 @@
     python scripts/bench.py --aot            # paper setting: 1 and 5 sources, 8..80 layers,
                                              # remat off / on
     python scripts/bench.py --aot --quick    # a tiny model: seconds on a laptop CPU
+    python scripts/bench.py --aot --demo --remat off   # the embedded demo's fuse step
     python -m hfjax.bench_aot --layers 8,32 --sources 1 --remat off
 
 Each row lowers and compiles the jitted step with `jax.ShapeDtypeStruct` inputs (the base
@@ -72,6 +73,7 @@ class AotCase:
     base_dtype: str = "bfloat16"  # dtype of the frozen base weights
     quick: bool = False  # a tiny model and fusion block instead of the paper setting
     scan: bool = True  # stacked base layers run as one lax.scan (False: the unrolled loop)
+    demo: bool = False  # the embedded demo's fuse step (its zoo's shapes and fuse settings)
 
 
 _QUICK_TARGET = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -103,6 +105,8 @@ def case_setting(case: AotCase) -> tuple[Any, Any, Any]:
     from hfjax.models.config import ModelConfig
 
     cfg = get_config()
+    if case.demo:
+        return _demo_setting(case)
     if case.quick:
         tgt, src = dict(_QUICK_TARGET), dict(_QUICK_SOURCE)
         cfg.fusion.block_size, cfg.fusion.embed_dim, cfg.fusion.num_heads = 16, 32, 4
@@ -125,10 +129,51 @@ def case_setting(case: AotCase) -> tuple[Any, Any, Any]:
     return cfg, ModelConfig(**tgt), plan
 
 
+def _family_dict(shape: Any, vocab: int, layers: int | None = None) -> dict[str, Any]:
+    return dict(model_type=shape.family, vocab_size=vocab, hidden_size=shape.hidden,
+                intermediate_size=shape.intermediate,
+                num_hidden_layers=layers or shape.layers, num_attention_heads=shape.heads,
+                num_key_value_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads,
+                **({"qkv_bias": True} if shape.family == "qwen2" else {}))
+
+
+def _demo_setting(case: AotCase) -> tuple[Any, Any, Any]:
+    """The demo's fuse step (`hfjax.demo.pipeline.fuse_config` at default sizes): its Llama
+    target (``case.layers`` layers), ``case.sources`` sources alternating its Qwen2 and
+    Mistral shapes, all-linear r=8 LoRAs, its fusion block and batch, a float32 base."""
+    from hfjax.configs.fuse import get_config
+    from hfjax.demo.pipeline import DEFAULT
+    from hfjax.fusion import build_plan
+    from hfjax.models.config import ModelConfig
+
+    s = DEFAULT
+    cfg = get_config()
+    cfg.fusion.block_size, cfg.fusion.embed_dim = s.block_size, s.embed_dim
+    cfg.fusion.num_heads, cfg.fusion.max_pos = s.num_heads, s.max_pos
+    cfg.rdm.num_projections = s.num_projections
+    cfg.data.cutoff_len = s.cutoff_len
+    cfg.train.batch_size, cfg.train.grad_accum = s.fuse_batch, s.fuse_accum
+    cfg.train.remat, cfg.train.base_dtype = case.remat, case.base_dtype
+    cfg.train.scan_layers = case.scan
+    for k in ("data", "fsdp", "tensor"):
+        if k in cfg.mesh:
+            setattr(cfg.mesh, k, 1)
+    tgt = _family_dict(s.shapes["llama"], s.vocab_sizes["llama"], case.layers)
+    fams = [f for f, _ in s.experts[1:]]
+    srcs = [_family_dict(s.shapes[f], s.vocab_sizes[f]) for f in fams]
+    sources = [_shape_only_lora(srcs[i % len(srcs)], s.lora_r, None)
+               for i in range(case.sources)]
+    plan = build_plan(_shape_only_lora(tgt, s.lora_r, None), sources,
+                      block_size=cfg.fusion.block_size,
+                      source_names=[f"src{i}" for i in range(case.sources)])
+    return cfg, ModelConfig(**tgt), plan
+
+
 def abstract_inputs(cfg: Any, model_cfg: Any, plan: Any, scan: bool = True) -> tuple[Any, ...]:
     """``(state, frozen, micro_batches, weights, key, statics)`` as ShapeDtypeStructs."""
     from flax import linen as nn
 
+    from hfjax.fusion.network import pack_nets
     from hfjax.loading import init_params, resolve_dtype
     from hfjax.memory import network_shapes
     from hfjax.models.decoder import module_names, stack_layers
@@ -158,7 +203,8 @@ def abstract_inputs(cfg: Any, model_cfg: Any, plan: Any, scan: bool = True) -> t
                                                                         g.rank), f32)}
             for b in g.buckets]
     st = statics_from(cfg, plan, model_cfg, steps=100)
-    params = {"nets": nn.unbox(network_shapes(plan, cfg.fusion)),
+    nets = nn.unbox(network_shapes(plan, cfg.fusion))
+    params = {"clusters": jax.eval_shape(lambda n: pack_nets(n, plan), nets),  # as fuse_loop
               "alpha": {g.name: sds((), f32) for g in plan.groups}}
     state = {"params": params, "opt_state": jax.eval_shape(st.optimizer.init, params),
              "step": sds((), jnp.int32)}
@@ -207,9 +253,10 @@ HEADER = ("src  lay remat    dtype  body lower_s compile_s kernels   xla_temp   
 
 def bench_aot(layers: Sequence[int], sources: Sequence[int], remat: Sequence[bool], *,
               quick: bool = False, base_dtype: str = "bfloat16",
-              scan: Sequence[bool] = (True,)) -> list[dict[str, Any]]:
+              scan: Sequence[bool] = (True,), demo: bool = False) -> list[dict[str, Any]]:
     """Print (and return) one row per (sources, layers, remat) case."""
-    print(f"AOT fuse_step ({'quick tiny model' if quick else 'paper setting'}, backend "
+    what = "the demo's fuse step" if demo else "quick tiny model" if quick else "paper setting"
+    print(f"AOT fuse_step ({what}, backend "
           f"{jax.default_backend()}); compile seconds on this machine")
     print(HEADER)
     rows = []
@@ -218,7 +265,7 @@ def bench_aot(layers: Sequence[int], sources: Sequence[int], remat: Sequence[boo
             for rm in remat:
                 for n in layers:
                     r = run_case(AotCase(layers=n, sources=s, remat=rm, base_dtype=base_dtype,
-                                         quick=quick, scan=sc))
+                                         quick=quick, scan=sc, demo=demo))
                     print(format_row(r), flush=True)
                     rows.append(r)
     return rows
@@ -231,6 +278,8 @@ def _ints(s: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model (seconds, any CPU)")
+    ap.add_argument("--demo", action="store_true",
+                    help="the embedded demo's fuse step (4 sources, float32 base)")
     ap.add_argument("--layers", type=_ints, default=None, help="comma list of depths")
     ap.add_argument("--sources", type=_ints, default=None, help="comma list of source counts")
     ap.add_argument("--remat", choices=("off", "on", "both"), default="both",
@@ -239,11 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--body", choices=("scan", "loop", "both"), default="scan",
                     help="decoder layers as one lax.scan, the unrolled loop, or both")
     a = ap.parse_args(argv)
-    layers = a.layers or ([2, 4, 8] if a.quick else [8, 32, 80])
-    sources = a.sources or ([1, 2] if a.quick else [1, 5])
+    layers = a.layers or ([4] if a.demo else [2, 4, 8] if a.quick else [8, 32, 80])
+    sources = a.sources or ([4] if a.demo else [1, 2] if a.quick else [1, 5])
+    base_dtype = "float32" if a.demo and a.base_dtype == "bfloat16" else a.base_dtype
     remat = {"off": [False], "on": [True], "both": [False, True]}[a.remat]
     scan = {"scan": [True], "loop": [False], "both": [True, False]}[a.body]
-    bench_aot(layers, sources, remat, quick=a.quick, base_dtype=a.base_dtype, scan=scan)
+    bench_aot(layers, sources, remat, quick=a.quick, base_dtype=base_dtype, scan=scan,
+              demo=a.demo)
     return 0
 
 

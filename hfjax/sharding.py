@@ -292,6 +292,21 @@ def fusion_logical_specs(boxed: Any) -> Any:
                         is_leaf=_is_spec)
 
 
+def packed_specs(specs: Any, plan: Any) -> Any:
+    """`fusion_logical_specs` of a ``{"nets", "alpha"}`` tree, laid out as
+    `hfjax.fusion.network.pack_nets` packs the parameters (``{"clusters", "alpha"}``): a
+    stacked cluster's leaves get an unsharded leading axis."""
+    from hfjax.fusion.network import cluster_key, group_clusters
+
+    clusters = {}
+    for cluster in group_clusters(plan):
+        tree = specs["nets"][cluster[0].name]
+        if len(cluster) > 1:
+            tree = jax.tree.map(lambda s: PartitionSpec(None, *s), tree, is_leaf=_is_spec)
+        clusters[cluster_key(cluster)] = tree
+    return {"clusters": clusters, "alpha": specs["alpha"]}
+
+
 def context_specs(contexts: Any) -> Any:
     """Logical specs of block contexts: ``tgt``/``src`` ``(modules, tokens, block)``,
     ``tgt_s``/``src_s`` ``(modules, tokens, lora_r)``."""
@@ -384,6 +399,7 @@ __all__ = [
     "default_rule_names",
     "describe",
     "fusion_logical_specs",
+    "packed_specs",
     "logical_to_mesh_spec",
     "logical_to_named",
     "make_mesh",

@@ -167,3 +167,39 @@ def test_window_gradients_equal_for_scanned_and_unrolled_bases(mode):
         for n, v in split_groups(stacked[f], plan).items():
             np.testing.assert_array_equal(v, per_module[f][n])
     assert set(patch_factors(frozen["adapter"], per_module)) == set(frozen["adapter"])
+
+
+def test_packed_networks_give_the_same_deltas_and_round_trip(interleaved):
+    """`pack_nets` (the step's layout) stacks same-shaped groups; unpacking returns the
+    per-group trees exactly, the deltas are the same, and the specs gain a leading axis."""
+    from flax import linen as nn
+
+    from hfjax.fusion.network import group_clusters, nets_of, pack_nets, unpack_nets
+    from hfjax.sharding import fusion_logical_specs, packed_specs
+
+    plan, ctx, params = interleaved
+    clusters = group_clusters(plan)
+    assert any(len(c) > 1 for c in clusters)  # k and v share shapes: one stacked cluster
+    packed = {"clusters": pack_nets(params["nets"], plan), "alpha": params["alpha"]}
+    assert len(packed["clusters"]) == len(clusters)
+    back = unpack_nets(packed["clusters"], plan)
+    assert list(back) == [g.name for g in plan.groups]
+    for g in plan.groups:
+        for a, b in zip(jax.tree.leaves(back[g.name]), jax.tree.leaves(params["nets"][g.name]),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(nets_of(packed, plan)) == jax.tree.structure(params["nets"])
+    run = jax.jit(lambda p: predict_group_deltas(p, ctx, plan, **NET)[:2])
+    for x, y in zip(jax.tree.leaves(run(packed)), jax.tree.leaves(run(params)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    boxed = init_fusion_params(plan, ctx, key=jax.random.PRNGKey(0), boxed=True, **NET)
+    specs = packed_specs(fusion_logical_specs(boxed), plan)
+    shapes = jax.eval_shape(lambda n: pack_nets(n, plan), nn.unbox(boxed)["nets"])
+    for spec, shape in zip(jax.tree.leaves(specs["clusters"], is_leaf=lambda s: isinstance(
+            s, jax.sharding.PartitionSpec)), jax.tree.leaves(shapes), strict=True):
+        assert len(spec) <= len(shape.shape)
+    stacked = next(c for c in clusters if len(c) > 1)
+    name = "+".join(g.name for g in stacked)
+    kernel = packed["clusters"][name]["encoder"]["proj_row"]["kernel"]
+    assert kernel.shape[0] == len(stacked)
+    assert specs["clusters"][name]["encoder"]["proj_row"]["kernel"][0] is None

@@ -382,6 +382,8 @@ def predict_group_deltas(
 ) -> tuple[dict[str, Array], dict[str, Array], dict[str, list[dict[str, Array]]]]:
     """`predict_deltas` with each group's deltas stacked: ``{group: (M_g, r, d_in)}`` (ΔA) and
     ``{group: (M_g, d_out, r)}`` (ΔB), module ``i`` being ``g.modules[i]`` (ascending layer).
+    ``params["nets"]`` may instead be ``params["clusters"]`` (`pack_nets`: what the training
+    step keeps).
 
     Every bucket is un-blocked by one reshape and slice for all its modules (the modules of a
     group share ``d_in`` and ``d_out``), so the number of operations does not grow with the
@@ -391,6 +393,8 @@ def predict_group_deltas(
     delta_A: dict[str, Array] = {}
     delta_B: dict[str, Array] = {}
     aux: dict[str, list[dict[str, Array]]] = {}
+    if "clusters" in params and not stack_groups:
+        raise FusionError("cluster-packed parameters need stack_groups=True (see pack_nets)")
     for cluster in group_clusters(plan) if stack_groups else [[g] for g in plan.groups]:
         g0 = cluster[0]
         net = _net(plan, g0.rank, embed_dim=embed_dim, num_heads=num_heads, max_pos=max_pos,
@@ -398,14 +402,16 @@ def predict_group_deltas(
         for g in cluster:
             aux[g.name] = []
         if len(cluster) == 1:
-            p = params["nets"][g0.name]
+            p = (params["clusters"][cluster_key(cluster)] if "clusters" in params
+                 else params["nets"][g0.name])
             outs = [net.apply({"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"],
                               n_a=b.n_a, update_mode=mode)
                     for b, c in zip(g0.buckets, contexts[g0.name], strict=True)]
             per_group = [outs]
         else:
             # Same shapes in every bucket: one vmapped network call per bucket position.
-            p = jax.tree.map(lambda *xs: jnp.stack(xs), *[params["nets"][g.name] for g in cluster])
+            p = (params["clusters"][cluster_key(cluster)] if "clusters" in params
+                 else _stack_trees([params["nets"][g.name] for g in cluster]))
             per_group = [[] for _ in cluster]
             for bi, b in enumerate(g0.buckets):
                 c = {k: jnp.stack([jnp.asarray(contexts[g.name][bi][k]) for g in cluster])
@@ -434,6 +440,52 @@ def predict_group_deltas(
             if parts_B:
                 delta_B[g.name] = _in_order(parts_B, order)
     return delta_A, delta_B, aux
+
+
+def _stack_trees(trees: list[Any]) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def cluster_key(cluster: list[Group]) -> str:
+    """The name of a `group_clusters` cluster in `pack_nets`' tree: its groups joined by +."""
+    return "+".join(g.name for g in cluster)
+
+
+def pack_nets(nets: Mapping[str, Any], plan: FusionPlan) -> dict[str, Any]:
+    """``{group: params}`` as ``{cluster: params}`` (`group_clusters`): a cluster of several
+    groups has its groups' parameters stacked on a new leading axis (in cluster order), a
+    cluster of one keeps its group's. The training step keeps this layout, so that the
+    vmapped network call, the optimizer and the gradient norm see a few large arrays
+    instead of one per group and leaf (docs/performance.md §6). Works on jax and numpy
+    leaves; `hfjax.sharding.packed_specs` packs their partition specs alike."""
+    out = {}
+    for cluster in group_clusters(plan):
+        trees = [nets[g.name] for g in cluster]
+        if len(cluster) == 1:
+            out[cluster_key(cluster)] = trees[0]
+        else:
+            out[cluster_key(cluster)] = jax.tree.map(
+                lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs),
+                *trees)
+    return out
+
+
+def unpack_nets(packed: Mapping[str, Any], plan: FusionPlan) -> dict[str, Any]:
+    """The inverse of `pack_nets`: ``{group: params}``, in plan order."""
+    per_group = {}
+    for cluster in group_clusters(plan):
+        tree = packed[cluster_key(cluster)]
+        if len(cluster) == 1:
+            per_group[cluster[0].name] = tree
+        else:
+            for i, g in enumerate(cluster):
+                per_group[g.name] = jax.tree.map(lambda x, i=i: x[i], tree)
+    return {g.name: per_group[g.name] for g in plan.groups}
+
+
+def nets_of(params: Mapping[str, Any], plan: FusionPlan) -> dict[str, Any]:
+    """``{group: network params}`` from a ``{"nets"}`` or a ``{"clusters"}`` (packed) tree."""
+    return unpack_nets(params["clusters"], plan) if "clusters" in params else dict(params["nets"])
 
 
 def _group_dims(g: Group) -> tuple[int, int]:

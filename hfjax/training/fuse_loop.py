@@ -44,6 +44,7 @@ from hfjax.fusion import (
     param_count,
 )
 from hfjax.fusion.controls import apply_source_control
+from hfjax.fusion.network import nets_of, pack_nets
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import is_stacked, layer_plan, stack_layers
@@ -251,7 +252,9 @@ def fuse_identity(job: FuseJob, steps: int) -> dict[str, Any]:
         inputs[f"source.{s.name}"] = s.adapter_path
     for name in job.data.datasets:
         inputs[f"data.{name}"] = resolve_dataset(name, job.data.data_root)
-    return fingerprint(job.to_dict(), inputs, steps=steps)
+    # The step's state layout (networks packed per cluster) is part of what a checkpoint
+    # holds: a run written with another layout is refused, not misread.
+    return fingerprint(job.to_dict(), inputs, steps=steps, state_layout=STATE_LAYOUT)
 
 
 def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
@@ -290,9 +293,12 @@ def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
                                num_heads=f.num_heads, max_pos=f.max_pos, mu_gate=f.mu_gate,
                                gate=f.gate, alpha_init=f.alpha_init, boxed=True)
     params = nn.unbox(boxed)  # the boxes carry each leaf's logical axes
-    param_sh = shd.logical_to_named(shd.fusion_logical_specs(boxed), mesh, rules, shapes=params)
     if job.reuse_from:
         params = reuse_networks(params, Path(job.output_dir) / job.reuse_from)
+    # The step keeps same-shaped groups' networks stacked (pack_nets: fewer, larger arrays).
+    params = {"clusters": pack_nets(params["nets"], inp.plan), "alpha": params["alpha"]}
+    param_sh = shd.logical_to_named(
+        shd.packed_specs(shd.fusion_logical_specs(boxed), inp.plan), mesh, rules, shapes=params)
     state_sh = {"params": param_sh, "step": shd.replicated(mesh),
                 "opt_state": shd.opt_state_shardings(optimizer, params, param_sh, mesh)}
     state = jax.jit(lambda p: {"params": p, "opt_state": optimizer.init(p),
@@ -341,7 +347,7 @@ def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
     if dist.is_primary():
         rd.clear_complete(out_dir)  # the outputs are rewritten below; the marker comes last
     adapter_dir, report = export(job, inp, state["params"], frozen, st, out_dir)
-    save_networks(state["params"], out_dir)
+    save_networks(state["params"], out_dir, inp.plan)
     report["run"] = {"steps": steps, "compilations": _compiles() - compiles_before,
                      **res.timings(), "wall_seconds": round(time.time() - t0, 3)}
     report["config"] = job.to_dict()  # the resolved config of this run
@@ -356,14 +362,18 @@ def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
 
 
 NETS_DIR = "transfer_nets"
+STATE_LAYOUT = "clusters-1"  # pack_nets' layout of the step's networks and optimizer state
 
 
-def save_networks(params: Any, out_dir: Path) -> Path:
-    """Keep the trained networks (not the α's) for a later chained task to continue from."""
+def save_networks(params: Any, out_dir: Path, plan: FusionPlan) -> Path:
+    """Keep the trained networks (not the α's; one tree per group, whatever layout the step
+    kept) for a later chained task to continue from."""
     import orbax.checkpoint as ocp
 
     path = (out_dir / NETS_DIR).absolute()
-    nets = dist.gather_to_host(params["nets"])  # host numpy (a collective on multi-host)
+    tree = {k: v for k, v in params.items() if k != "alpha"}
+    # host numpy (a collective on multi-host), then one tree per group
+    nets = nets_of(dist.gather_to_host(tree), plan)
     with ocp.StandardCheckpointer() as ckptr:  # every process calls it; orbax picks a writer
         ckptr.save(path, nets, force=True)
     return path

@@ -17,7 +17,15 @@ gradients with respect to the patched B matrices (and A matrices, under the late
 ``update_mode`` a_only / ab_joint) over the micro-batches (a `lax.scan`), draw a
 fresh RDM sample per micro-batch on the same z, and backpropagate through the networks once.
 This is exactly the gradient of the per-micro-batch loop the original runs, at a fraction of
-its cost. Only the networks and the α's are trained; the base model and the target adapter
+its cost.
+
+The step's arrays are few and large, so that its compiled size does not grow with the model's
+depth (docs/performance.md §6): the patched factors are one ``(M_g, ...)`` array per group
+(`group_factors`; with a scanned base they are set straight into the stacked adapter), the
+RDM draws one normal sample per ``L(z_t) + L(z_s)`` pair, and `hfjax.training.fuse_loop`
+keeps same-shaped groups' networks stacked (``{"clusters"}``, `pack_nets`), so the optimizer
+and the gradient norm see one array per leaf and cluster. ``{"nets"}`` (one tree per group)
+works too. Only the networks and the α's are trained; the base model and the target adapter
 are frozen arguments.
 """
 
