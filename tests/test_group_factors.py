@@ -21,6 +21,7 @@ from hfjax.config.components import OptimizerConfig, RDMConfig, TransferNetConfi
 from hfjax.fusion import build_contexts, build_plan, init_fusion_params, predict_deltas
 from hfjax.fusion.network import (
     TransferNet,
+    merged_calls,
     predict_group_deltas,
     query_range,
     split_groups,
@@ -65,13 +66,19 @@ def test_group_deltas_equal_per_module_unblocking(interleaved):
     q = plan.group("q_proj_r4")
     flat = [m.layer for b in q.buckets for m in b.modules]
     assert len(q.buckets) > 1 and flat != sorted(flat)  # the permutation is exercised
-    d_A, d_B, _ = jax.jit(lambda p: predict_group_deltas(p, ctx, plan, **NET))(params)
+    assert merged_calls(q) == [(0, 1)]  # one call, the smaller bucket's sources padded
+    d_A, d_B, aux = jax.jit(lambda p: predict_group_deltas(p, ctx, plan, **NET))(params)
     for g in plan.groups:
         net = TransferNet(block_size=plan.block_size, rank=g.rank, **NET)
         want_A, want_B = {}, {}
-        for b, c in zip(g.buckets, ctx[g.name], strict=True):
-            delta = net.apply({"params": params["nets"][g.name]}, c["tgt"], c["tgt_s"],
-                              c["src"], c["src_s"], n_a=b.n_a, update_mode=plan.update_mode)[0]
+        for bi, (b, c) in enumerate(zip(g.buckets, ctx[g.name], strict=True)):
+            delta, attn, z_t, z_s = net.apply(
+                {"params": params["nets"][g.name]}, c["tgt"], c["tgt_s"], c["src"],
+                c["src_s"], n_a=b.n_a, update_mode=plan.update_mode)
+            got = aux[g.name][bi]
+            assert got["attn"].shape == attn.shape and got["z_s"].shape == z_s.shape
+            for k, v in (("attn", attn), ("z_t", z_t), ("z_s", z_s)):
+                np.testing.assert_allclose(got[k], v, atol=1e-6, err_msg=f"{g.name} {k}")
             lo, _ = query_range(plan.update_mode, b.n_a, b.n_t)
             for i, m in enumerate(b.modules):
                 want_A[m.name] = delta[i, : b.n_a - lo].reshape(-1, g.rank)[: m.d_in].T

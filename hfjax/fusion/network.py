@@ -173,7 +173,9 @@ class _Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, q_in: Array, kv: Array) -> tuple[Array, Array]:
+    def __call__(self, q_in: Array, kv: Array, kv_valid: Array | None = None
+                 ) -> tuple[Array, Array]:
+        """``kv_valid (..., n_kv)`` (optional) marks real keys: padded ones get weight 0."""
         E, H = self.embed_dim, self.num_heads
         hd = E // H
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
@@ -184,7 +186,11 @@ class _Attention(nn.Module):
         k = k.reshape(*k.shape[:-1], H, hd)
         v = v.reshape(*v.shape[:-1], H, hd)
         scores = jnp.einsum("...qhd,...khd->...hqk", q, k) * (hd ** -0.5)
-        w = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        scores = scores.astype(jnp.float32)
+        if kv_valid is not None:  # exp(min - max) is exactly 0: the real keys' softmax
+            scores = jnp.where(kv_valid[..., None, None, :], scores,
+                               jnp.finfo(jnp.float32).min)
+        w = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("...hqk,...khd->...qhd", w.astype(self.dtype), v)
         out = out.reshape(*out.shape[:-2], E)
         out = _dense(E, ("qkv", "embed"), "out_proj", **kw)(out)
@@ -221,7 +227,8 @@ class TransferNet(nn.Module):
 
     @nn.compact
     def __call__(self, tgt: Array, tgt_s: Array, src: Array, src_s: Array, *,
-                 n_a: int, update_mode: str = "b_only") -> tuple[Array, Array, Array, Array]:
+                 n_a: int, update_mode: str = "b_only", n_src: Array | None = None
+                 ) -> tuple[Array, Array, Array, Array]:
         """Predict the deltas of the target tokens that ``update_mode`` patches.
 
         Args:
@@ -233,6 +240,8 @@ class TransferNet(nn.Module):
                 the B tokens ``[n_a, n_t)``, ``"a_only"`` the ``A^T`` tokens ``[0, n_a)``,
                 ``"ab_joint"`` all ``n_t`` (docs/algorithm.md §11). Each token's output is the same
                 in every mode (queries are independent); only the work differs.
+            n_src: ``(M,)`` real source tokens per module (optional): the rest of ``src`` is
+                padding, which no query attends to (several buckets run as one call).
 
         Returns:
             ``delta (M, n_q, bs*r)``, ``attn (M, n_q, n_s)``, ``z_t (M, n_t, E)``,
@@ -266,7 +275,8 @@ class TransferNet(nn.Module):
         lo, hi = query_range(update_mode, n_a, n_t)
         q_in = z_t[:, lo:hi] + pos_embed(jnp.arange(lo, hi))
         kv = z_s + pos_embed(jnp.arange(n_s))
-        h, attn = _Attention(E, self.num_heads, name="attention", **kw)(q_in, kv)
+        valid = None if n_src is None else jnp.arange(n_s) < n_src[:, None]
+        h, attn = _Attention(E, self.num_heads, name="attention", **kw)(q_in, kv, valid)
         h = _gelu(_dense(E, ("embed", "mlp"), "decoder_hidden", **kw)(h))
         delta = _dense(F, ("mlp", "block"), "decoder_out", zero=True, **kw)(h)
         return delta, attn, z_t, z_s
@@ -381,7 +391,9 @@ def predict_group_deltas(
     stack_groups: bool = True,
 ) -> tuple[dict[str, Array], dict[str, Array], dict[str, list[dict[str, Array]]]]:
     """`predict_deltas` with each group's deltas stacked: ``{group: (M_g, r, d_in)}`` (ΔA) and
-    ``{group: (M_g, d_out, r)}`` (ΔB), module ``i`` being ``g.modules[i]`` (ascending layer).
+    ``{group: (M_g, d_out, r)}`` (ΔB), module ``i`` being ``g.modules[i]`` (ascending layer);
+    a group whose modules differ in shape (only a hand-made plan) gets a tuple of per-module
+    arrays instead.
     ``params["nets"]`` may instead be ``params["clusters"]`` (`pack_nets`: what the training
     step keeps).
 
@@ -404,35 +416,52 @@ def predict_group_deltas(
         if len(cluster) == 1:
             p = (params["clusters"][cluster_key(cluster)] if "clusters" in params
                  else params["nets"][g0.name])
-            outs = [net.apply({"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"],
-                              n_a=b.n_a, update_mode=mode)
-                    for b, c in zip(g0.buckets, contexts[g0.name], strict=True)]
-            per_group = [outs]
         else:
-            # Same shapes in every bucket: one vmapped network call per bucket position.
             p = (params["clusters"][cluster_key(cluster)] if "clusters" in params
                  else _stack_trees([params["nets"][g.name] for g in cluster]))
-            per_group = [[] for _ in cluster]
-            for bi, b in enumerate(g0.buckets):
-                c = {k: jnp.stack([jnp.asarray(contexts[g.name][bi][k]) for g in cluster])
-                     for k in ("tgt", "tgt_s", "src", "src_s")}
-                out = jax.vmap(lambda p, c, n_a=b.n_a, net=net: net.apply(
-                    {"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"], n_a=n_a,
-                    update_mode=mode))(p, c)
-                for gi in range(len(cluster)):
-                    per_group[gi].append(tuple(o[gi] for o in out))
+        per_group: list[list[Any]] = [[None] * len(g0.buckets) for _ in cluster]
+        for call in merged_calls(g0):
+            b0 = g0.buckets[call[0]]
+            ctxs = [_merged_contexts([contexts[g.name][bi] for bi in call],
+                                     [g0.buckets[bi] for bi in call]) for g in cluster]
+            n_src = (None if len(call) == 1 else jnp.asarray(np.concatenate(
+                [np.full(len(g0.buckets[bi].modules), g0.buckets[bi].n_s) for bi in call])))
+
+            def apply(p: Any, c: Any, n_a: int = b0.n_a, n_src: Any = n_src,
+                      net: TransferNet = net) -> Any:
+                return net.apply({"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"],
+                                 n_a=n_a, update_mode=mode, n_src=n_src)
+
+            if len(cluster) == 1:
+                outs = [apply(p, ctxs[0])]
+            else:  # same shapes in every group of the cluster: one vmapped call
+                stacked = jax.vmap(apply)(p, _stack_trees(ctxs))
+                outs = [tuple(o[gi] for o in stacked) for gi in range(len(cluster))]
+            for gi, out in enumerate(outs):
+                for bi, part in zip(call, _split_call(out, [g0.buckets[bi] for bi in call]),
+                                    strict=True):
+                    per_group[gi][bi] = part
         for g, outs in zip(cluster, per_group, strict=True):
-            d_in, d_out = _group_dims(g)
+            dims = _group_dims(g)
             parts_A, parts_B = [], []
             for b, (delta, attn, z_t, z_s) in zip(g.buckets, outs, strict=True):
                 lo, _ = query_range(mode, b.n_a, b.n_t)
                 d = delta.astype(jnp.float32)  # (M_b, decoded tokens lo .. hi-1, F)
                 m_b = d.shape[0]
-                if plan.patches_A:  # lo = 0 whenever A is decoded
-                    parts_A.append(jnp.swapaxes(
-                        d[:, : b.n_a - lo].reshape(m_b, -1, g.rank)[:, :d_in], 1, 2))
-                if plan.patches_B:
-                    parts_B.append(d[:, b.n_a - lo:].reshape(m_b, -1, g.rank)[:, :d_out])
+                if dims is None:  # modules of several shapes: un-blocked one by one
+                    if plan.patches_A:
+                        parts_A.append([d[i, : b.n_a - lo].reshape(-1, g.rank)[: m.d_in].T
+                                        for i, m in enumerate(b.modules)])
+                    if plan.patches_B:
+                        parts_B.append([d[i, b.n_a - lo:].reshape(-1, g.rank)[: m.d_out]
+                                        for i, m in enumerate(b.modules)])
+                else:
+                    d_in, d_out = dims
+                    if plan.patches_A:  # lo = 0 whenever A is decoded
+                        parts_A.append(jnp.swapaxes(
+                            d[:, : b.n_a - lo].reshape(m_b, -1, g.rank)[:, :d_in], 1, 2))
+                    if plan.patches_B:
+                        parts_B.append(d[:, b.n_a - lo:].reshape(m_b, -1, g.rank)[:, :d_out])
                 aux[g.name].append({"z_t": z_t, "z_s": z_s, "attn": attn})
             order = _module_order(g)
             if parts_A:
@@ -440,6 +469,56 @@ def predict_group_deltas(
             if parts_B:
                 delta_B[g.name] = _in_order(parts_B, order)
     return delta_A, delta_B, aux
+
+
+MERGE_PAD_LIMIT = 1.5  # run buckets as one call while padding adds at most 50% source tokens
+
+
+def merged_calls(g: Group) -> list[tuple[int, ...]]:
+    """How a group's buckets run: tuples of bucket indices, each one network call.
+
+    Buckets with the same target tokens (``n_a``, ``n_b``) that differ only in their source
+    tokens run as ONE call, their source tokens padded to the largest count and masked out of
+    the attention (exact: a padded key gets weight 0 and every output is sliced back to its
+    bucket), as long as the padding adds at most ``MERGE_PAD_LIMIT`` times the real source
+    tokens. Fewer, larger calls compile faster (docs/performance.md §6)."""
+    by_targets: dict[tuple[int, int], list[int]] = {}
+    for i, b in enumerate(g.buckets):
+        by_targets.setdefault((b.n_a, b.n_b), []).append(i)
+    calls = []
+    for idx in by_targets.values():
+        real = sum(len(g.buckets[i].modules) * g.buckets[i].n_s for i in idx)
+        padded = sum(len(g.buckets[i].modules) for i in idx) * max(g.buckets[i].n_s for i in idx)
+        if len(idx) > 1 and padded <= MERGE_PAD_LIMIT * real:
+            calls.append(tuple(idx))
+        else:
+            calls.extend((i,) for i in idx)
+    return sorted(calls)
+
+
+def _merged_contexts(ctxs: list[Mapping[str, Any]], buckets: list[Any]) -> dict[str, Array]:
+    """Buckets' contexts as one batch: source tokens zero-padded to the largest count."""
+    if len(ctxs) == 1:
+        return {k: jnp.asarray(ctxs[0][k]) for k in ("tgt", "tgt_s", "src", "src_s")}
+    n_s = max(b.n_s for b in buckets)
+    out = {k: jnp.concatenate([jnp.asarray(c[k]) for c in ctxs]) for k in ("tgt", "tgt_s")}
+    for k in ("src", "src_s"):
+        out[k] = jnp.concatenate([jnp.pad(jnp.asarray(c[k]), ((0, 0), (0, n_s - b.n_s), (0, 0)))
+                                  for c, b in zip(ctxs, buckets, strict=True)])
+    return out
+
+
+def _split_call(out: tuple[Array, ...], buckets: list[Any]) -> list[tuple[Array, ...]]:
+    """One call's ``(delta, attn, z_t, z_s)`` back per bucket (its modules, real tokens)."""
+    if len(buckets) == 1:
+        return [out]
+    delta, attn, z_t, z_s = out
+    parts, lo = [], 0
+    for b in buckets:
+        hi = lo + len(b.modules)
+        parts.append((delta[lo:hi], attn[lo:hi, :, : b.n_s], z_t[lo:hi], z_s[lo:hi, : b.n_s]))
+        lo = hi
+    return parts
 
 
 def _stack_trees(trees: list[Any]) -> Any:
@@ -488,12 +567,11 @@ def nets_of(params: Mapping[str, Any], plan: FusionPlan) -> dict[str, Any]:
     return unpack_nets(params["clusters"], plan) if "clusters" in params else dict(params["nets"])
 
 
-def _group_dims(g: Group) -> tuple[int, int]:
-    """``(d_in, d_out)`` shared by every module of ``g``."""
+def _group_dims(g: Group) -> tuple[int, int] | None:
+    """``(d_in, d_out)`` shared by every module of ``g`` (None if they differ: a hand-made
+    plan; such a group's factors are a tuple of per-module arrays instead of one array)."""
     dims = {(m.d_in, m.d_out) for m in g.modules}
-    if len(dims) != 1:
-        raise FusionError(f"group {g.name}: its modules differ in shape {sorted(dims)}")
-    return dims.pop()
+    return dims.pop() if len(dims) == 1 else None
 
 
 def _module_order(g: Group) -> tuple[int, ...] | None:
@@ -503,7 +581,10 @@ def _module_order(g: Group) -> tuple[int, ...] | None:
     return None if order == tuple(range(len(order))) else order
 
 
-def _in_order(parts: list[Array], order: tuple[int, ...] | None) -> Array:
+def _in_order(parts: list[Any], order: tuple[int, ...] | None) -> Any:
+    if isinstance(parts[0], list):  # per-module arrays (modules of several shapes)
+        flat = [x for p in parts for x in p]
+        return tuple(flat if order is None else [flat[i] for i in order])
     x = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
     return x if order is None else jnp.take(x, jnp.asarray(order), axis=0)
 
@@ -518,10 +599,14 @@ def split_groups(stacked: Mapping[str, Array], plan: FusionPlan) -> dict[str, Ar
     return out
 
 
-def stack_groups(per_module: Mapping[str, Any], plan: FusionPlan) -> dict[str, Array]:
-    """The inverse of `split_groups`: ``{group: (M_g, ...)}`` in ``g.modules`` order."""
-    return {g.name: jnp.stack([jnp.asarray(per_module[m.name]) for m in g.modules])
-            for g in plan.groups}
+def stack_groups(per_module: Mapping[str, Any], plan: FusionPlan) -> dict[str, Any]:
+    """The inverse of `split_groups`: ``{group: (M_g, ...)}`` in ``g.modules`` order (a tuple
+    of the modules' arrays for a group whose modules differ in shape)."""
+    out: dict[str, Any] = {}
+    for g in plan.groups:
+        arrays = [jnp.asarray(per_module[m.name]) for m in g.modules]
+        out[g.name] = jnp.stack(arrays) if _group_dims(g) else tuple(arrays)
+    return out
 
 
 def predict_deltas(
@@ -599,9 +684,13 @@ def fused_group(
     """``target_g + alpha_g * Δ_g`` (float32) per group, on group-stacked arrays
     (`stack_groups` of the target's B or A; `predict_group_deltas`' ΔB or ΔA); pure and
     differentiable. `split_groups` of it equals `fused_B` / `fused_A`."""
-    return {g.name: jnp.asarray(target[g.name], jnp.float32)
-            + jnp.asarray(alpha[g.name], jnp.float32) * delta[g.name]
-            for g in plan.groups if g.name in delta}
+    out = {}
+    for g in plan.groups:
+        if g.name in delta:
+            a = jnp.asarray(alpha[g.name], jnp.float32)
+            out[g.name] = jax.tree.map(lambda t, d, a=a: jnp.asarray(t, jnp.float32) + a * d,
+                                       target[g.name], delta[g.name])
+    return out
 
 
 def fused_B(

@@ -133,10 +133,12 @@ def stacked_patch(stacked: dict[str, Any], factors: dict[str, dict[str, jax.Arra
     (the scanned forward's ``stacked_lora``)."""
     for f, per_group in factors.items():
         for g in plan.groups:
-            mods = g.modules
-            if g.name in per_group:
-                stacked = set_stacked(stacked, mods[0].suffix, f, [m.layer for m in mods],
-                                      per_group[g.name])
+            mods, v = g.modules, per_group.get(g.name)
+            if isinstance(v, tuple):  # modules of several shapes: one at a time
+                for m, x in zip(mods, v, strict=True):
+                    stacked = set_stacked(stacked, m.suffix, f, [m.layer], x[None])
+            elif v is not None:
+                stacked = set_stacked(stacked, mods[0].suffix, f, [m.layer for m in mods], v)
     return stacked
 
 
