@@ -258,9 +258,10 @@ def prepare_fixture(c: BenchConfig, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- JAX side
 class JaxSide:
-    """The hfjax step, network and LM calls, compiled ahead of time."""
+    """The hfjax step, network and LM calls, compiled ahead of time (``step_only``: the step
+    alone, as a user's run holds it: what the peak-RSS worker measures)."""
 
-    def __init__(self, c: BenchConfig, fx: Path) -> None:
+    def __init__(self, c: BenchConfig, fx: Path, step_only: bool = False) -> None:
         import jax
         import jax.numpy as jnp
 
@@ -301,6 +302,9 @@ class JaxSide:
         self.step_c = fs.fuse_step.lower(self.state, self.frozen, self.batch, self.weights,
                                          self.key, st=st).compile()
         self.compile_s = time.perf_counter() - t0
+        self.first_lm_loss: float | None = None
+        if step_only:  # no network / LM executables and no second copy of the networks
+            return
 
         cot = {n: jnp.ones_like(self.frozen["adapter"][n]["B"]) for n in plan.fused_modules}
 
@@ -326,7 +330,6 @@ class JaxSide:
         self.lm_c = jax.jit(jax.value_and_grad(lm)).lower(B, self.frozen, self.mb).compile()
         self.lm_compile_s = time.perf_counter() - t0
         self.B = B
-        self.first_lm_loss: float | None = None
 
     def step(self) -> None:
         import jax
@@ -517,7 +520,8 @@ def worker_time(c: BenchConfig, fx: Path, torch_too: bool) -> dict[str, Any]:
 def worker_rss(c: BenchConfig, fx: Path, impl: str, steps: int = 2) -> dict[str, Any]:
     """One implementation alone: peak RSS over setup, compile and ``steps`` steps."""
     base = _current_rss_mb()
-    side = JaxSide(c, fx) if impl == "jax" else TorchSide(c, fx)
+    # The step alone on both sides (the torch side keeps nothing beyond its step either).
+    side = JaxSide(c, fx, step_only=True) if impl == "jax" else TorchSide(c, fx)
     for _ in range(steps):
         side.step()
     return {"impl": impl, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": base}
