@@ -211,13 +211,13 @@ def _child(paths_json: str, out: str) -> None:
     import hashlib
 
     import jax.numpy as jnp
-    from flax import linen as nn
 
     from hfjax import distributed as dist
     from hfjax import sharding as shd
 
     assert shd.maybe_initialize_distributed()
     from hfjax.fusion import init_fusion_params
+    from hfjax.fusion.network import pack_nets
     from hfjax.loading import from_pretrained
     from hfjax.training import fuse_step as fs
     from hfjax.training.checkpointing import Checkpointer
@@ -262,8 +262,9 @@ def _child(paths_json: str, out: str) -> None:
     rdm_key = jax.random.PRNGKey(7)
     local = jax.local_devices()[0]
 
-    def fresh_state() -> dict[str, Any]:
+    def fresh_state() -> dict[str, Any]:  # in the loop's layout (networks packed)
         p = init_fusion_params(inp.plan, None, **kw)
+        p = {"clusters": pack_nets(p["nets"], inp.plan), "alpha": p["alpha"]}
         return {"params": p, "opt_state": opt.init(p), "step": jnp.ones((), jnp.int32)}
 
     on_local = jax.device_put(
@@ -274,9 +275,9 @@ def _child(paths_json: str, out: str) -> None:
     s1 = jax.device_get(s1)
 
     boxed = init_fusion_params(inp.plan, None, boxed=True, **kw)
-    param_sh = shd.logical_to_named(shd.fusion_logical_specs(boxed), mesh, rules,
-                                    shapes=nn.unbox(boxed))
     st0 = jax.device_get(fresh_state())
+    param_sh = shd.logical_to_named(shd.packed_specs(shd.fusion_logical_specs(boxed), inp.plan),
+                                    mesh, rules, shapes=st0["params"])
     state_sh = {"params": param_sh, "step": shd.replicated(mesh),
                 "opt_state": shd.opt_state_shardings(opt, st0["params"], param_sh, mesh)}
     frozen = {"base": base, "adapter": shd.put_tree(jax.device_get(frozen1["adapter"]),
