@@ -721,12 +721,7 @@ def fused_A(
     """``A_t + alpha_g * ΔA`` (float32) for every fused module (docs/algorithm.md §11: a_only /
     ab_joint);
     the same alpha as B's. Pure and differentiable; unfused modules are not in the result."""
-    out = {}
-    for g in plan.groups:
-        a = jnp.asarray(alpha[g.name], dtype=jnp.float32)
-        for m in g.modules:
-            out[m.name] = jnp.asarray(target_A[m.name], dtype=jnp.float32) + a * delta_A[m.name]
-    return out
+    return fused_B(target_A, delta_A, alpha, plan)  # the same per-module update
 
 
 def param_count(params: Any) -> int:
