@@ -12,6 +12,8 @@ per-module path, with a few arrays per group however deep the model.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,3 +212,52 @@ def test_packed_networks_give_the_same_deltas_and_round_trip(interleaved):
     kernel = packed["clusters"][name]["encoder"]["proj_row"]["kernel"]
     assert kernel.shape[0] == len(stacked)
     assert specs["clusters"][name]["encoder"]["proj_row"]["kernel"][0] is None
+
+
+def test_a_group_of_mixed_shapes_keeps_per_module_factors():
+    """A hand-made plan may put modules of different shapes in one group (the bench does):
+    its factors are a tuple of per-module arrays, and the scanned and unrolled windows agree."""
+    from hfjax.fusion.plan import Bucket, FusionPlan, Group, ModuleEntry
+
+    cfg = ModelConfig(**TINY)
+    target = _target(cfg)
+    names = ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+             "model.layers.3.self_attn.v_proj"]
+    r, bs, n_a, n_b, n_s = 2, 16, 3, 3, 4
+    mods = tuple(ModuleEntry(
+        name=n, layer=int(n.split(".")[2]), suffix=n.split(".", 3)[3],
+        module_type=n.rsplit(".", 1)[-1], d_out=target.modules[n].B.shape[0],
+        d_in=target.modules[n].A.shape[1], rank=r, sources=((0, n),), n_a=n_a, n_b=n_b,
+        n_src_tokens=n_s) for n in names)
+    assert len({(m.d_in, m.d_out) for m in mods}) > 1
+    plan = FusionPlan(block_size=bs, groups=(Group("mixed_r2", "mixed", r,
+                                                   (Bucket(mods, n_a, n_b, n_a + n_b, n_s),)),),
+                      layer_maps=({i: i for i in range(4)},), source_names=("s",), unfused=(),
+                      target_layers=4, source_layers=(4,))
+    # rank 2 everywhere: the q/v modules of the r=4 target are cut to their first 2 ranks
+    for n in names:
+        m = target.modules[n]
+        target.modules[n] = dataclasses.replace(m, A=m.A[:r], B=m.B[:, :r])
+    rng = np.random.default_rng(5)
+    F = bs * r
+    ctx = {"mixed_r2": [{"tgt": rng.normal(size=(3, n_a + n_b, F)).astype(np.float32),
+                         "tgt_s": np.abs(rng.normal(size=(3, n_a + n_b, r))).astype(np.float32),
+                         "src": rng.normal(size=(3, n_s, F)).astype(np.float32),
+                         "src_s": np.abs(rng.normal(size=(3, n_s, r))).astype(np.float32)}]}
+    params = _perturbed(init_fusion_params(plan, ctx, key=jax.random.PRNGKey(2), **NET))
+    st = FuseStatics(plan=plan, model=cfg, net=TransferNetConfig(**NET),
+                     rdm=RDMConfig(num_projections=8), optim=OptimizerConfig(lr=1e-3), steps=4)
+    frozen = {"adapter": target.to_jax(jnp.float32), "contexts": ctx}
+    stacked, _, _ = jax.jit(group_factors, static_argnums=2)(params, frozen, st)
+    assert isinstance(stacked["B"]["mixed_r2"], tuple)
+    assert [b.shape for b in stacked["B"]["mixed_r2"]] == [target.modules[n].B.shape
+                                                         for n in names]
+    base = init_params(cfg, jax.random.PRNGKey(0))
+    ids = rng.integers(0, cfg.vocab_size, (1, 1, 8)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    out = [jax.jit(loss_and_grads, static_argnames="st")(
+        params, {**frozen, "base": b}, batch, jnp.ones((1,)), jax.random.PRNGKey(3), st=st)
+        for b in (base, stack_layers(base))]
+    np.testing.assert_allclose(out[1][1]["loss"], out[0][1]["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[0][0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
