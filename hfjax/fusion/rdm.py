@@ -118,11 +118,19 @@ def rdm_draws(key: Array, n: int, dim: int, *, mu_target: float = 0.0,
               activation: str = "relu") -> tuple[Array, Array]:
     """The random part of one RDM call: ``y (n, dim)`` rectified sample, ``P (dim, K)``."""
     k_y, k_p = jax.random.split(key)
-    y = _activate(jax.random.normal(k_y, (n, dim), jnp.float32) * sigma_target + mu_target,
-                  activation)
-    P = jax.random.normal(k_p, (dim, num_projections), jnp.float32)
-    P = P / jnp.maximum(jnp.linalg.norm(P, axis=0, keepdims=True), 1e-12)  # F.normalize
-    return y, P
+    y = _target_sample(jax.random.normal(k_y, (n, dim), jnp.float32), mu_target, sigma_target,
+                       activation)
+    return y, _unit_columns(jax.random.normal(k_p, (dim, num_projections), jnp.float32))
+
+
+def _target_sample(x: Array, mu_target: float, sigma_target: float, activation: str) -> Array:
+    """Standard normals -> the rectified Gaussian target sample."""
+    return _activate(x * sigma_target + mu_target, activation)
+
+
+def _unit_columns(P: Array) -> Array:
+    """Directions of unit norm (torch's ``F.normalize`` over the rows' axis)."""
+    return P / jnp.maximum(jnp.linalg.norm(P, axis=0, keepdims=True), 1e-12)
 
 
 def rdm_loss(
@@ -173,13 +181,10 @@ def pair_draws(key: Array, n_t: int, n_s: int, dim: int, *, mu_target: float = 0
     a, b, c, d = jnp.split(flat, cuts)
 
     def y(x: Array, n: int) -> Array:
-        return _activate(x.reshape(n, dim) * sigma_target + mu_target, activation)
+        return _target_sample(x.reshape(n, dim), mu_target, sigma_target, activation)
 
-    def P(x: Array) -> Array:
-        x = x.reshape(dim, K)
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=0, keepdims=True), 1e-12)
-
-    return (y(a, n_t), P(b)), (y(c, n_s), P(d))
+    return ((y(a, n_t), _unit_columns(b.reshape(dim, K))),
+            (y(c, n_s), _unit_columns(d.reshape(dim, K))))
 
 
 def pair_rdm(zt: Array, zs: Array, key: Array, *, activation: str = "relu",
