@@ -13,12 +13,12 @@ from hfjax.fusion import FusionError, average_rdm, rdm_loss
 from hfjax.fusion.rdm import (
     _rank_match_host,
     _rank_match_rows,
-    group_key,
-    group_keys,
-    pair_draws,
-    pair_rdm,
+    call_draws,
+    rdm_calls,
     rdm_draws,
     rdm_from_draws,
+    rdm_rows,
+    row_draws,
 )
 
 KW = {"num_projections": 64}
@@ -107,28 +107,54 @@ def test_draws_follow_spec():
     np.testing.assert_allclose(jnp.linalg.norm(P, axis=0), 1.0, rtol=1e-5)
 
 
+def test_masked_rows_give_the_unpadded_value_and_gradient():
+    """Rows padded (zero tokens, any draws) and marked invalid are left out exactly: value and
+    gradient equal those of the real rows alone, for both sorts."""
+    z = jnp.asarray(embeddings(4, (9, 16)))
+    y, P = rdm_draws(jax.random.key(4), 9, 16, num_projections=64)
+    zpad = jnp.concatenate([z, jnp.zeros((4, 16))])
+    ypad = jnp.concatenate([y, jnp.full((4, 16), 7.0)])
+    valid = jnp.arange(13) < 9
+    for sort in ("host", "xla"):
+        want, gw = jax.value_and_grad(lambda z, sort=sort: rdm_from_draws(z, y, P, sort=sort))(z)
+        got, gg = jax.value_and_grad(
+            lambda zp, sort=sort: rdm_from_draws(zp, ypad, P, sort=sort, valid=valid))(zpad)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(gg[:9], gw, rtol=1e-5, atol=1e-9)
+        assert not np.any(np.asarray(gg[9:]))
+
+
 def test_pair_draws_follow_spec_from_one_draw():
-    """`pair_draws` cuts one normal draw into the two samples and two direction sets that
-    `rdm_draws` would make; `pair_rdm` is the sum of the two `rdm_from_draws`."""
+    """`call_draws` cuts ONE normal draw of the key into every pair's rectified samples and
+    unit-norm directions (the `rdm_draws` distribution), each pair its own numbers."""
     key = jax.random.key(3)
-    (y_t, P_t), (y_s, P_s) = pair_draws(key, 3000, 1000, 8, mu_target=0.5, sigma_target=2.0,
-                                        num_projections=32)
-    assert y_t.shape == (3000, 8) and y_s.shape == (1000, 8) and P_t.shape == P_s.shape == (8, 32)
+    shapes = {"q_proj_r4": [(1, 2000, 1000)], "v_proj_r4": [(2, 3, 5), (1, 3, 6)]}
+    rows = rdm_rows(shapes)
+    assert [(r.group, r.bucket, r.module, r.n_t, r.n_s) for r in rows] == [
+        ("q_proj_r4", 0, None, 2000, 1000), ("v_proj_r4", 0, 0, 3, 5),
+        ("v_proj_r4", 0, 1, 3, 5), ("v_proj_r4", 1, 0, 3, 6)]
+    assert [r.weight for r in rows] == [0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3]
+    calls = rdm_calls(rows)
+    assert calls == [(0,), (1, 2, 3)]  # the pooled pair is too large to pad the others to
+    kw = {"mu_target": 0.5, "sigma_target": 2.0, "num_projections": 32}
+    draws = row_draws(key, shapes, 8, **kw)
+    assert set(draws) == {(r.group, r.bucket, r.module) for r in rows}
+    (y_t, P_t), (y_s, P_s) = draws[("q_proj_r4", 0, None)]
+    assert y_t.shape == (2000, 8) and y_s.shape == (1000, 8) and P_t.shape == P_s.shape == (8, 32)
     for y in (y_t, y_s):
         assert float(y.min()) == 0.0 and abs(float((y == 0).mean()) - 0.4013) < 0.04
     for P in (P_t, P_s):
         np.testing.assert_allclose(jnp.linalg.norm(P, axis=0), 1.0, rtol=1e-5)
-    flat = np.asarray(jax.random.normal(key, (2 * 8 * 32 + 4000 * 8,)))
-    np.testing.assert_allclose(np.maximum(flat[:8] * 2.0 + 0.5, 0), y_t[0], rtol=1e-6)
-    assert abs(float(np.corrcoef(np.asarray(P_t).ravel(), np.asarray(P_s).ravel())[0, 1])) < 0.2
-    zt, zs = jnp.asarray(embeddings(0, (2, 3, 16))), jnp.asarray(embeddings(1, (2, 5, 16)))
-    (a, pa), (b, pb) = pair_draws(key, 6, 10, 16, **{k: v for k, v in KW.items() if k != "sort"})
-    want = rdm_from_draws(zt, a, pa) + rdm_from_draws(zs, b, pb)
-    np.testing.assert_allclose(pair_rdm(zt, zs, key, **KW), want, rtol=1e-6)
-    ks = group_keys(key, ["q_proj_r4", "v_proj_r4"])
-    for i, g in enumerate(["q_proj_r4", "v_proj_r4"]):
-        np.testing.assert_array_equal(jax.random.key_data(ks[i]),
-                                      jax.random.key_data(group_key(key, g)))
+    flat = np.asarray(jax.random.normal(key, (8,)))  # the sample starts the one draw
+    np.testing.assert_allclose(np.maximum(flat * 2.0 + 0.5, 0), y_t[0], rtol=1e-6)
+    mats = [np.asarray(d[0][1]).ravel() for d in draws.values()]
+    for i in range(len(mats)):
+        for j in range(i):
+            assert abs(float(np.corrcoef(mats[i], mats[j])[0, 1])) < 0.2
+    # call_draws is the padded form of the same numbers
+    (yt, pt, ys, ps), _ = call_draws(key, rows, calls, 8, **kw)[::-1]
+    assert yt.shape == (3, 3, 8) and ys.shape == (3, 6, 8) and pt.shape == (3, 8, 32)
+    np.testing.assert_array_equal(ys[1, :5], draws[("v_proj_r4", 0, 1)][1][0])
 
 
 def test_keys_drive_randomness():
@@ -141,37 +167,43 @@ def test_keys_drive_randomness():
 def test_average_rdm_combines_groups_and_buckets():
     """A group of one bucket pools z over its modules into ONE L; a group of several buckets
     (modules with different token counts) is the mean over its modules of L(z_t,m) + L(z_s,m),
-    as the original's module-by-module loop. (Changed from the former bucket mean, which
-    differed from the original on mixed groups.)"""
+    as the original's module-by-module loop; the groups' mean is avg_rdm. The pairs run padded
+    in few calls; the value is that of each pair alone with its draws (`row_draws`)."""
     zs = [jnp.asarray(embeddings(i, (2, 3 + i % 2, 16))) for i in range(6)]
     zs[2] = jnp.asarray(embeddings(2, (3, 2, 16)))  # bucket 1 of q: 3 modules, 2 tokens
     zs[3] = jnp.asarray(embeddings(3, (3, 5, 16)))
     aux = {"q_proj_r4": [{"z_t": zs[0], "z_s": zs[1]}, {"z_t": zs[2], "z_s": zs[3]}],
            "v_proj_r4": [{"z_t": zs[4], "z_s": zs[5]}]}
     key = jax.random.key(5)
+    shapes = {g: [(a["z_t"].shape[0], a["z_t"].shape[1], a["z_s"].shape[1]) for a in bs]
+              for g, bs in aux.items()}
+    # q's five module pairs run padded as one call; v's pooled pair (6 + 8 rows) alone.
+    assert rdm_calls(rdm_rows(shapes)) == [(0, 1, 2, 3, 4), (5,)]
+    draws = row_draws(key, shapes, 16, num_projections=64)
 
-    def module(name, b, i, zt, zs_):
-        k = jax.random.fold_in(jax.random.fold_in(group_key(key, name), b), i)
-        return pair_rdm(zt[i], zs_[i], k, **KW)
+    def pair(zt, zs_, k):
+        (yt, pt), (ys, ps) = draws[k]
+        return (rdm_from_draws(zt, yt, pt, sort="host")
+                + rdm_from_draws(zs_, ys, ps, sort="host"))
 
-    per_module = ([module("q_proj_r4", 0, i, zs[0], zs[1]) for i in range(2)]
-                  + [module("q_proj_r4", 1, i, zs[2], zs[3]) for i in range(3)])
+    per_module = ([pair(zs[0][i], zs[1][i], ("q_proj_r4", 0, i)) for i in range(2)]
+                  + [pair(zs[2][i], zs[3][i], ("q_proj_r4", 1, i)) for i in range(3)])
     q = sum(per_module) / 5  # weighted by modules, not a mean of the two bucket means
-    v = pair_rdm(zs[4], zs[5], jax.random.fold_in(group_key(key, "v_proj_r4"), 0),
-                 **KW)  # pooled over both modules
+    v = pair(zs[4], zs[5], ("v_proj_r4", 0, None))  # pooled over both modules
+    for sort in ("host", "xla"):
+        got = average_rdm(aux, key, sort=sort, **KW)
+        np.testing.assert_allclose(got, (q + v) / 2, rtol=1e-5)
     got = average_rdm(aux, key, **KW)
-    np.testing.assert_allclose(got, (q + v) / 2, rtol=1e-6)
     bucket_mean = (sum(per_module[:2]) / 2 + sum(per_module[2:]) / 3) / 2
     assert abs(float(q) - float(bucket_mean)) > 1e-4 * float(q)  # the two rules differ here
     # The order of the groups in the dict does not matter (jit returns sorted dicts).
     rev = {"v_proj_r4": aux["v_proj_r4"], "q_proj_r4": aux["q_proj_r4"]}
     assert float(average_rdm(rev, key, **KW)) == float(got)
-    # Groups of the same shapes are vmapped together: same values as one group at a time.
-    twin = {"q_proj_r4": aux["q_proj_r4"], "k_proj_r4": aux["q_proj_r4"]}
-    k_only = average_rdm({"k_proj_r4": aux["q_proj_r4"]}, key, **KW)
-    np.testing.assert_allclose(average_rdm(twin, key, **KW),
-                               (k_only + average_rdm({"q_proj_r4": aux["q_proj_r4"]}, key,
-                                                     **KW)) / 2, rtol=1e-6)
+    # Gradients: those of the per-pair sum (padding adds nothing).
+    g_all = jax.grad(lambda z: average_rdm({**aux, "v_proj_r4": [{"z_t": z, "z_s": zs[5]}]},
+                                           key, **KW))(zs[4])
+    g_v = jax.grad(lambda z: pair(z, zs[5], ("v_proj_r4", 0, None)) / 2)(zs[4])
+    np.testing.assert_allclose(g_all, g_v, rtol=1e-4, atol=1e-8)
 
 
 def test_bad_options_are_refused():

@@ -34,7 +34,7 @@ from hfjax.fusion import (
     params_to_torch_state_dict,
     torch_state_dict_to_params,
 )
-from hfjax.fusion.rdm import group_key, pair_draws
+from hfjax.fusion.rdm import row_draws
 from hfjax.models.config import ModelConfig
 from hfjax.testing.adapters import random_adapter
 from hfjax.testing.hf_models import load_hf_model, make_hf_model, make_peft_adapter
@@ -100,24 +100,23 @@ def micro_key(rdm_key, update: int, i: int):
 
 def torch_avg_rdm(z: dict, plan, key) -> torch.Tensor:
     """docs/algorithm.md §6 per group (pooled for one bucket, module mean otherwise), JAX draws."""
+    shapes = {g.name: [(zt.shape[0], zt.shape[1], zs.shape[1]) for zt, zs in z[g.name]]
+              for g in plan.groups}
+    draws = row_draws(key, shapes, E, num_projections=K)
+    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+
     def pair(zt, zs, k):
-        n_t, n_s = int(np.prod(zt.shape[:-1])), int(np.prod(zs.shape[:-1]))
-        (y_t, P_t), (y_s, P_s) = pair_draws(k, n_t, n_s, E, num_projections=K)
-        t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+        (y_t, P_t), (y_s, P_s) = draws[k]
         return torch_rdm(zt, t(y_t), t(P_t)) + torch_rdm(zs, t(y_s), t(P_s))
 
     vals = []
     for g in plan.groups:
-        kg = group_key(key, g.name)
         if len(g.buckets) == 1:
             (zt, zs), = z[g.name]
-            vals.append(pair(zt, zs, jax.random.fold_in(kg, 0)))
+            vals.append(pair(zt, zs, (g.name, 0, None)))
             continue
-        per_module = []
-        for b, (zt, zs) in enumerate(z[g.name]):
-            for i in range(zt.shape[0]):
-                per_module.append(pair(zt[i], zs[i],
-                                       jax.random.fold_in(jax.random.fold_in(kg, b), i)))
+        per_module = [pair(zt[i], zs[i], (g.name, b, i))
+                      for b, (zt, zs) in enumerate(z[g.name]) for i in range(zt.shape[0])]
         vals.append(sum(per_module) / len(per_module))
     return sum(vals) / len(vals)
 

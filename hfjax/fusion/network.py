@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfjax.config.components import TransferNetConfig
-from hfjax.fusion.plan import FusionError, FusionPlan, Group
+from hfjax.fusion.plan import MERGE_PAD_LIMIT, FusionError, FusionPlan, Group
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -471,7 +471,6 @@ def predict_group_deltas(
     return delta_A, delta_B, aux
 
 
-MERGE_PAD_LIMIT = 1.5  # run buckets as one call while padding adds at most 50% source tokens
 
 
 def merged_calls(g: Group) -> list[tuple[int, ...]]:

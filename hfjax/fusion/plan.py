@@ -49,6 +49,9 @@ from hfjax.fusion.matches import (
 )
 from hfjax.fusion.matches import format_ranges as _ranges
 
+# Rows of different sizes (a group's buckets in the network, the RDM's pairs) run as one padded
+# call while the padding adds at most 50% to the real rows (docs/performance.md §6).
+MERGE_PAD_LIMIT = 1.5
 
 class FusionError(UserError):
     """A fusion request that cannot be honoured; the message is one line naming the culprit."""

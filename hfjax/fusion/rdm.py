@@ -27,8 +27,8 @@ paper's PReLU at torch's initial slope 0.25 (not learned) to both ``z`` and ``y`
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfjax.config.components import RDM_SORTS as _SORTS  # the one table of sort modes
-from hfjax.fusion.plan import FusionError
+from hfjax.fusion.plan import MERGE_PAD_LIMIT, FusionError
 
 Array = jax.Array
 PRELU_SLOPE = 0.25  # torch.nn.PReLU's initial slope
@@ -93,24 +93,37 @@ def _resolve_sort(sort: str) -> str:
 
 
 def rdm_from_draws(z: Array, y: Array, P: Array, *, activation: str = "relu",
-                   sort: str = "auto") -> Array:
+                   sort: str = "auto", valid: Array | None = None) -> Array:
     """The RDM value for given draws: ``z (..., E)`` raw embeddings, ``y (N, E)`` the already
-    rectified target sample, ``P (E, K)`` unit-norm directions. (Exposed for parity tests.)"""
+    rectified target sample, ``P (E, K)`` unit-norm directions. (Exposed for parity tests.)
+
+    ``valid (N,)`` (optional) marks the real rows of a padded ``z`` and ``y``: the padded
+    projections of both are set above every real value, so they sort last and match each
+    other, and the mean runs over the real rows only: the unpadded value, exactly."""
     zr = _activate(jnp.asarray(z, jnp.float32).reshape(-1, z.shape[-1]), activation)
     P = jnp.asarray(P, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
+    n, K = zr.shape[0], P.shape[-1]
+    count = n * K if valid is None else jnp.sum(valid) * K
+
+    def pad(x: Array, axis: int) -> Array:  # padded rows -> +max (axis: the rows' axis of x)
+        if valid is None:
+            return x
+        v = valid[:, None] if axis == 0 else valid[None, :]
+        return jnp.where(v, x, jnp.finfo(jnp.float32).max)
+
     if _resolve_sort(sort) == "xla":
-        zp = zr @ P
-        yp = jax.lax.stop_gradient(y @ P)
-        return jnp.mean((jnp.sort(zp, axis=0) - jnp.sort(yp, axis=0)) ** 2)
+        zp = pad(zr @ P, 0)
+        yp = jax.lax.stop_gradient(pad(y @ P, 0))
+        return jnp.sum((jnp.sort(zp, axis=0) - jnp.sort(yp, axis=0)) ** 2) / count
     # Host path: the projections come out as (K, N) so that numpy sorts contiguous rows;
     # batched calls (vmap over draws) hand numpy one (..., K, N) array.
-    zp = jnp.einsum("ek,ne->kn", P, zr)
-    yp = jax.lax.stop_gradient(jnp.einsum("ek,ne->kn", P, y))
+    zp = pad(jnp.einsum("ek,ne->kn", P, zr), 1)
+    yp = jax.lax.stop_gradient(pad(jnp.einsum("ek,ne->kn", P, y), 1))
     m = jax.pure_callback(
         _rank_match_rows, jax.ShapeDtypeStruct(zp.shape, jnp.float32),
         jax.lax.stop_gradient(zp), yp, vmap_method="expand_dims")
-    return jnp.mean((zp - jax.lax.stop_gradient(m)) ** 2)
+    return jnp.sum((zp - jax.lax.stop_gradient(m)) ** 2) / count
 
 
 def rdm_draws(key: Array, n: int, dim: int, *, mu_target: float = 0.0,
@@ -129,8 +142,8 @@ def _target_sample(x: Array, mu_target: float, sigma_target: float, activation: 
 
 
 def _unit_columns(P: Array) -> Array:
-    """Directions of unit norm (torch's ``F.normalize`` over the rows' axis)."""
-    return P / jnp.maximum(jnp.linalg.norm(P, axis=0, keepdims=True), 1e-12)
+    """Directions ``(..., E, K)`` of unit norm (torch's ``F.normalize`` over the E axis)."""
+    return P / jnp.maximum(jnp.linalg.norm(P, axis=-2, keepdims=True), 1e-12)
 
 
 def rdm_loss(
@@ -153,107 +166,151 @@ def rdm_loss(
     return rdm_from_draws(z, y, P, activation=activation, sort=sort)
 
 
-def _group_id(group: str) -> int:
-    return zlib.crc32(group.encode()) & 0x7FFFFFFF
+@dataclasses.dataclass(frozen=True)
+class RdmRow:
+    """One ``L(z_t) + L(z_s)`` pair of ``avg_rdm`` (static: names and token counts).
+
+    ``module is None``: the group's one bucket, its modules pooled (``n_t``, ``n_s`` are the
+    pooled row counts); otherwise module ``module`` of bucket ``bucket``. ``weight``: the pair's
+    share of ``avg_rdm`` (``1/G``, or ``1/(G · modules of the group)``)."""
+
+    group: str
+    bucket: int
+    module: int | None
+    n_t: int
+    n_s: int
+    weight: float
 
 
-def group_key(key: Array, group: str) -> Array:
-    """A group's key: ``fold_in(key, crc32(group name))``: independent of the other groups."""
-    return jax.random.fold_in(key, _group_id(group))
-
-
-def group_keys(key: Array, groups: Sequence[str]) -> Array:
-    """`group_key` of each of ``groups``, stacked (one vmapped call)."""
-    ids = jnp.asarray([_group_id(g) for g in groups], jnp.uint32)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids)
-
-
-def pair_draws(key: Array, n_t: int, n_s: int, dim: int, *, mu_target: float = 0.0,
-               sigma_target: float = 1.0, num_projections: int = 2048,
-               activation: str = "relu") -> tuple[tuple[Array, Array], tuple[Array, Array]]:
-    """``((y_t, P_t), (y_s, P_s))`` for one ``L(z_t) + L(z_s)`` pair, as `rdm_draws` makes them
-    (rectified sample, unit-norm directions) but from ONE normal draw of ``key`` cut in four:
-    one random-number kernel per pair instead of six (docs/performance.md §6)."""
-    K = num_projections
-    sizes = (n_t * dim, dim * K, n_s * dim, dim * K)
-    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-    cuts = np.cumsum(sizes)[:-1].tolist()
-    a, b, c, d = jnp.split(flat, cuts)
-
-    def y(x: Array, n: int) -> Array:
-        return _target_sample(x.reshape(n, dim), mu_target, sigma_target, activation)
-
-    return ((y(a, n_t), _unit_columns(b.reshape(dim, K))),
-            (y(c, n_s), _unit_columns(d.reshape(dim, K))))
-
-
-def pair_rdm(zt: Array, zs: Array, key: Array, *, activation: str = "relu",
-             sort: str = "auto", **draw_kwargs: Any) -> Array:
-    """``L(z_t) + L(z_s)`` with `pair_draws`' draws (``z (..., E)``, pooled over ``...``)."""
-    n_t, n_s = int(np.prod(zt.shape[:-1])), int(np.prod(zs.shape[:-1]))
-    (y_t, P_t), (y_s, P_s) = pair_draws(key, n_t, n_s, zt.shape[-1], activation=activation,
-                                        **draw_kwargs)
-    return (rdm_from_draws(zt, y_t, P_t, activation=activation, sort=sort)
-            + rdm_from_draws(zs, y_s, P_s, activation=activation, sort=sort))
-
-
-def group_rdm(buckets: Sequence[Mapping[str, Array]], key: Array, **rdm_kwargs: Any) -> Array:
-    """One group's ``rdm_g``, as the first release computes it (docs/algorithm.md §6).
-
-    One bucket (every module has the same token counts: the original stacks the group into
-    one batch): ``L(z_t) + L(z_s)`` with ``z`` pooled over all the group's modules, drawn by
-    `pair_draws` from ``fold_in(key, 0)``. Several buckets (the original runs module by
-    module): the mean over the group's modules ``m`` of ``L(z_t,m) + L(z_s,m)``, vmapped over
-    each bucket's modules; module ``i`` of bucket ``b`` draws from
-    ``fold_in(fold_in(key, b), i)``.
-    """
-    if len(buckets) == 1:
-        return pair_rdm(buckets[0]["z_t"], buckets[0]["z_s"], jax.random.fold_in(key, 0),
-                        **rdm_kwargs)
-    total = jnp.zeros((), jnp.float32)
-    n_modules = 0
-    for b, a in enumerate(buckets):
-        m = a["z_t"].shape[0]
-        kb = jax.random.fold_in(key, b)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(kb, jnp.arange(m))
-        vals = jax.vmap(lambda zt, zs, k: pair_rdm(zt, zs, k, **rdm_kwargs))(
-            a["z_t"], a["z_s"], keys)
-        total = total + jnp.sum(vals)
-        n_modules += m
-    return total / n_modules
-
-
-def average_rdm(aux: Mapping[str, Sequence[Mapping[str, Array]]], key: Array,
-                **rdm_kwargs: Any) -> Array:
-    """``avg_rdm = mean over groups of rdm_g`` (``rdm_g``: see `group_rdm`).
-
-    Group ``g`` uses ``group_key(key, g)``. The result does not depend on the order of
-    ``aux``'s keys (a jitted function returns dicts with sorted keys). Fold the step (and
-    micro-batch) into ``key`` before calling, so that every call draws afresh.
-    """
-    if not aux:
+def rdm_rows(shapes: Mapping[str, Sequence[tuple[int, int, int]]]) -> list[RdmRow]:
+    """The pairs of ``avg_rdm`` for ``{group: [(modules, n_t, n_s) per bucket]}``, groups in
+    sorted order (docs/algorithm.md §6)."""
+    if not shapes:
         raise FusionError("average_rdm needs at least one group")
-    names = sorted(aux)
-
-    def group_value(buckets: Sequence[Mapping[str, Array]], kg: Array) -> Array:
-        return group_rdm(buckets, kg, **rdm_kwargs)
-
-    # Groups whose z's have the same shapes are evaluated as one vmapped call (same keys,
-    # same values as one call per group).
-    clusters: dict[tuple, list[str]] = {}
-    for name in names:
-        sig = tuple((a["z_t"].shape, a["z_s"].shape) for a in aux[name])
-        clusters.setdefault(sig, []).append(name)
-    value: dict[str, Array] = {}
-    for members in clusters.values():
-        keys = group_keys(key, members)
-        if len(members) == 1:
-            value[members[0]] = group_value(
-                [{"z_t": a["z_t"], "z_s": a["z_s"]} for a in aux[members[0]]], keys[0])
+    G, rows = len(shapes), []
+    for g in sorted(shapes):
+        buckets = shapes[g]
+        if len(buckets) == 1:
+            m, n_t, n_s = buckets[0]
+            rows.append(RdmRow(g, 0, None, m * n_t, m * n_s, 1.0 / G))
             continue
-        stacked = [{k: jnp.stack([aux[n][b][k] for n in members]) for k in ("z_t", "z_s")}
-                   for b in range(len(aux[members[0]]))]
-        vals = jax.vmap(group_value)(stacked, keys)
-        for i, n in enumerate(members):
-            value[n] = vals[i]
-    return sum(value[n] for n in names) / len(names)
+        n_modules = sum(m for m, _, _ in buckets)
+        rows += [RdmRow(g, b, i, n_t, n_s, 1.0 / (G * n_modules))
+                 for b, (m, n_t, n_s) in enumerate(buckets) for i in range(m)]
+    return rows
+
+
+def rdm_calls(rows: Sequence[RdmRow]) -> list[tuple[int, ...]]:
+    """How the pairs run: tuples of row indices, each ONE vmapped call whose rows are padded to
+    the call's largest ``n_t`` and ``n_s`` (masked: exact), as long as the padding adds at most
+    ``MERGE_PAD_LIMIT`` times the real rows. Fewer calls compile faster (docs/performance.md
+    §6); at the paper's shape each group's pooled pair is large and the sizes differ, so the
+    limit keeps the sorts' extra work bounded."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].n_t + rows[i].n_s, rows[i].n_t, i))
+    calls: list[list[int]] = []
+    for i in order:
+        if calls:
+            cand = [*calls[-1], i]
+            real = sum(rows[j].n_t + rows[j].n_s for j in cand)
+            padded = len(cand) * (max(rows[j].n_t for j in cand)
+                                  + max(rows[j].n_s for j in cand))
+            if padded <= MERGE_PAD_LIMIT * real:
+                calls[-1] = cand
+                continue
+        calls.append([i])
+    return [tuple(sorted(c)) for c in sorted(calls)]
+
+
+def _call_shape(rows: Sequence[RdmRow], call: Sequence[int]) -> tuple[int, int, int]:
+    return (len(call), max(rows[j].n_t for j in call), max(rows[j].n_s for j in call))
+
+
+def call_draws(key: Array, rows: Sequence[RdmRow], calls: Sequence[Sequence[int]], dim: int, *,
+               mu_target: float = 0.0, sigma_target: float = 1.0, num_projections: int = 2048,
+               activation: str = "relu") -> list[tuple[Array, Array, Array, Array]]:
+    """Every call's ``(y_t (R, n_t, E), P_t (R, E, K), y_s (R, n_s, E), P_s (R, E, K))``: the
+    rectified target samples and unit-norm directions of its ``R`` pairs, padded rows included,
+    cut from ONE standard normal draw of ``key`` for the whole ``avg_rdm`` (one random-number
+    kernel per micro-batch; every pair gets its own numbers)."""
+    K, E = num_projections, dim
+    sizes = []
+    for c in calls:
+        R, n_t, n_s = _call_shape(rows, c)
+        sizes += [R * n_t * E, R * E * K, R * n_s * E, R * E * K]
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1].tolist())
+    out = []
+    for k, c in enumerate(calls):
+        R, n_t, n_s = _call_shape(rows, c)
+        a, b, cc, d = parts[4 * k: 4 * k + 4]
+        out.append((_target_sample(a.reshape(R, n_t, E), mu_target, sigma_target, activation),
+                    _unit_columns(b.reshape(R, E, K)),
+                    _target_sample(cc.reshape(R, n_s, E), mu_target, sigma_target, activation),
+                    _unit_columns(d.reshape(R, E, K))))
+    return out
+
+
+def row_draws(key: Array, shapes: Mapping[str, Sequence[tuple[int, int, int]]], dim: int,
+              **draw_kwargs: Any) -> dict[tuple[str, int, int | None],
+                                          tuple[tuple[Array, Array], tuple[Array, Array]]]:
+    """``{(group, bucket, module): ((y_t, P_t), (y_s, P_s))}``: the draws `average_rdm` uses for
+    each pair (real rows only; `RdmRow` says what the key means). For replicas and tests."""
+    rows = rdm_rows(shapes)
+    calls = rdm_calls(rows)
+    out = {}
+    for c, (yt, pt, ys, ps) in zip(calls, call_draws(key, rows, calls, dim, **draw_kwargs),
+                                   strict=True):
+        for r, j in enumerate(c):
+            row = rows[j]
+            out[(row.group, row.bucket, row.module)] = ((yt[r, : row.n_t], pt[r]),
+                                                        (ys[r, : row.n_s], ps[r]))
+    return out
+
+
+def _padded_rows(blocks: Sequence[Array], n: int) -> Array:
+    """``(rows, n_i, E)`` blocks as one ``(R, n, E)`` array, zero-padded along tokens."""
+    return jnp.concatenate([jnp.pad(b, ((0, 0), (0, n - b.shape[1]), (0, 0))) for b in blocks])
+
+
+def average_rdm(aux: Mapping[str, Sequence[Mapping[str, Array]]], key: Array, *,
+                mu_target: float = 0.0, sigma_target: float = 1.0,
+                num_projections: int = 2048, activation: str = "relu",
+                sort: str = "auto") -> Array:
+    """``avg_rdm = mean over groups of rdm_g`` (docs/algorithm.md §6) for
+    ``aux = {group: [{"z_t": (M, n_t, E), "z_s": (M, n_s, E)} per bucket]}``.
+
+    ``rdm_g``: a one-bucket group pools ``z`` over its modules into one ``L(z_t) + L(z_s)``; a
+    group of several buckets is the mean over its modules of their own pairs (`rdm_rows`).
+    The pairs run as few vmapped calls (`rdm_calls`: padded, masked out of the sorts, exact)
+    with draws cut from one normal sample of ``key`` (`call_draws`). Fold the step and the
+    micro-batch into ``key`` so that every call draws afresh. The result does not depend on
+    the order of ``aux``'s keys (a jitted function returns dicts with sorted keys).
+    """
+    shapes = {g: [(int(a["z_t"].shape[0]), int(a["z_t"].shape[1]), int(a["z_s"].shape[1]))
+                  for a in bs] for g, bs in aux.items()}
+    rows = rdm_rows(shapes)
+    calls = rdm_calls(rows)
+    dim = int(next(iter(aux.values()))[0]["z_t"].shape[-1])
+    draws = call_draws(key, rows, calls, dim, mu_target=mu_target, sigma_target=sigma_target,
+                       num_projections=num_projections, activation=activation)
+
+    def tokens(row: RdmRow, side: str) -> Array:
+        z = aux[row.group][row.bucket][side]
+        if row.module is None:  # pooled: one row of all the group's tokens
+            return z.reshape(1, -1, z.shape[-1])
+        return z[row.module: row.module + 1]
+
+    def value(zt, zs, yt, pt, ys, ps, vt, vs):
+        return (rdm_from_draws(zt, yt, pt, activation=activation, sort=sort, valid=vt)
+                + rdm_from_draws(zs, ys, ps, activation=activation, sort=sort, valid=vs))
+
+    total = jnp.zeros((), jnp.float32)
+    for c, (yt, pt, ys, ps) in zip(calls, draws, strict=True):
+        _, n_t, n_s = _call_shape(rows, c)
+        zt = _padded_rows([tokens(rows[j], "z_t") for j in c], n_t)
+        zs = _padded_rows([tokens(rows[j], "z_s") for j in c], n_s)
+        vt = np.arange(n_t)[None] < np.asarray([rows[j].n_t for j in c])[:, None]
+        vs = np.arange(n_s)[None] < np.asarray([rows[j].n_s for j in c])[:, None]
+        vals = jax.vmap(value)(zt, zs, yt, pt, ys, ps, jnp.asarray(vt), jnp.asarray(vs))
+        total = total + jnp.dot(jnp.asarray([rows[j].weight for j in c], jnp.float32), vals)
+    return total
