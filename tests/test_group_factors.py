@@ -23,6 +23,7 @@ from hfjax.config.components import OptimizerConfig, RDMConfig, TransferNetConfi
 from hfjax.fusion import build_contexts, build_plan, init_fusion_params, predict_deltas
 from hfjax.fusion.network import (
     TransferNet,
+    group_clusters,
     merged_calls,
     predict_group_deltas,
     query_range,
@@ -97,6 +98,54 @@ def test_group_deltas_equal_per_module_unblocking(interleaved):
     back = stack_groups(per_A, plan)
     for name in d_A:
         np.testing.assert_array_equal(back[name], d_A[name])
+
+
+@pytest.mark.parametrize("mode", ["b_only", "a_only", "ab_joint"])
+def test_groups_of_different_token_counts_share_one_padded_call(mode):
+    """Small groups whose token counts differ (up_proj: 3 A^T + 5 B tokens, down_proj: 5 + 3,
+    q_proj: 3 + 3 in two buckets of 2 and 4 source tokens) run as ONE vmapped call, padded
+    (the demo's case). Every output and gradient equals the group's network applied to each
+    bucket on its own (no padding at all)."""
+    mods = ("q_proj", "up_proj", "down_proj")
+    target = random_adapter(2, 24, 40, 4, modules=mods, seed=0)
+    qwen = random_adapter(2, 16, 32, 4, modules=mods, seed=1)
+    mistral = random_adapter(2, 20, 36, 4, modules=("q_proj",), seed=2, layers=(1,))
+    plan = build_plan(target, [qwen, mistral], block_size=8, update_mode=mode)
+    ctx = build_contexts(plan, target, [qwen, mistral])
+    params = _perturbed(init_fusion_params(plan, ctx, key=jax.random.PRNGKey(0), **NET))
+    shapes = {(b.n_a, b.n_b, b.n_s) for g in plan.groups for b in g.buckets}
+    assert len({s[:2] for s in shapes}) == 3 and len({s[2] for s in shapes}) > 1
+    assert [len(c) for c in group_clusters(plan)] == [3]
+
+    def loss(p, padded):
+        if padded:
+            d_A, d_B, aux = predict_group_deltas(p, ctx, plan, **NET)
+            return (sum(jnp.sum(jnp.sin(v)) for v in [*d_A.values(), *d_B.values()])
+                    + sum(jnp.sum(jnp.cos(a[k])) for bs in aux.values() for a in bs
+                          for k in ("attn", "z_t", "z_s")))
+        total = 0.0
+        for g in plan.groups:
+            net = TransferNet(block_size=plan.block_size, rank=g.rank, **NET)
+            for b, c in zip(g.buckets, ctx[g.name], strict=True):
+                delta, attn, z_t, z_s = net.apply(
+                    {"params": p["nets"][g.name]}, c["tgt"], c["tgt_s"], c["src"],
+                    c["src_s"], n_a=b.n_a, update_mode=mode)
+                lo, _ = query_range(mode, b.n_a, b.n_t)
+                for i, m in enumerate(b.modules):
+                    if plan.patches_A:
+                        total += jnp.sum(jnp.sin(
+                            delta[i, : b.n_a - lo].reshape(-1, g.rank)[: m.d_in]))
+                    if plan.patches_B:
+                        total += jnp.sum(jnp.sin(
+                            delta[i, b.n_a - lo:].reshape(-1, g.rank)[: m.d_out]))
+                total += sum(jnp.sum(jnp.cos(x)) for x in (attn, z_t, z_s))
+        return total
+
+    got, g_got = jax.jit(jax.value_and_grad(lambda p: loss(p, True)))(params)
+    want, g_want = jax.jit(jax.value_and_grad(lambda p: loss(p, False)))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,

@@ -227,8 +227,8 @@ class TransferNet(nn.Module):
 
     @nn.compact
     def __call__(self, tgt: Array, tgt_s: Array, src: Array, src_s: Array, *,
-                 n_a: int, update_mode: str = "b_only", n_src: Array | None = None
-                 ) -> tuple[Array, Array, Array, Array]:
+                 n_a: int, update_mode: str = "b_only", n_src: Array | None = None,
+                 q_pos: Array | None = None) -> tuple[Array, Array, Array, Array]:
         """Predict the deltas of the target tokens that ``update_mode`` patches.
 
         Args:
@@ -242,6 +242,8 @@ class TransferNet(nn.Module):
                 in every mode (queries are independent); only the work differs.
             n_src: ``(M,)`` real source tokens per module (optional): the rest of ``src`` is
                 padding, which no query attends to (several buckets run as one call).
+            q_pos: ``(M, n_q)`` the queries' positions (optional; default ``lo .. hi-1``):
+                rows padded to a call's ``n_a`` keep their own positions (`padded_call`).
 
         Returns:
             ``delta (M, n_q, bs*r)``, ``attn (M, n_q, n_s)``, ``z_t (M, n_t, E)``,
@@ -273,7 +275,7 @@ class TransferNet(nn.Module):
         # Trick 4: only the tokens whose factor is patched query and get decoded (b_only: the
         # B tokens, positions n_a .. n_t-1).
         lo, hi = query_range(update_mode, n_a, n_t)
-        q_in = z_t[:, lo:hi] + pos_embed(jnp.arange(lo, hi))
+        q_in = z_t[:, lo:hi] + pos_embed(jnp.arange(lo, hi) if q_pos is None else q_pos)
         kv = z_s + pos_embed(jnp.arange(n_s))
         valid = None if n_src is None else jnp.arange(n_s) < n_src[:, None]
         h, attn = _Attention(E, self.num_heads, name="attention", **kw)(q_in, kv, valid)
@@ -419,26 +421,28 @@ def predict_group_deltas(
         else:
             p = (params["clusters"][cluster_key(cluster)] if "clusters" in params
                  else _stack_trees([params["nets"][g.name] for g in cluster]))
-        per_group: list[list[Any]] = [[None] * len(g0.buckets) for _ in cluster]
-        for call in merged_calls(g0):
-            b0 = g0.buckets[call[0]]
-            ctxs = [_merged_contexts([contexts[g.name][bi] for bi in call],
-                                     [g0.buckets[bi] for bi in call]) for g in cluster]
-            n_src = (None if len(call) == 1 else jnp.asarray(np.concatenate(
-                [np.full(len(g0.buckets[bi].modules), g0.buckets[bi].n_s) for bi in call])))
+        per_group: list[list[Any]] = [[None] * len(g.buckets) for g in cluster]
+        for parts in zip(*(merged_calls(g) for g in cluster), strict=True):
+            buckets = [[g.buckets[bi] for bi in call] for g, call in zip(cluster, parts,
+                                                                       strict=True)]
+            shape = _call_shape(buckets)
+            plain = all(_exact(bs, shape) for bs in buckets)
+            ins = [padded_call([contexts[g.name][bi] for bi in call], bs, shape, mode, max_pos,
+                               plain=plain)
+                   for g, call, bs in zip(cluster, parts, buckets, strict=True)]
 
-            def apply(p: Any, c: Any, n_a: int = b0.n_a, n_src: Any = n_src,
-                      net: TransferNet = net) -> Any:
+            def apply(p: Any, c: Any, n_a: int = shape[1], net: TransferNet = net) -> Any:
                 return net.apply({"params": p}, c["tgt"], c["tgt_s"], c["src"], c["src_s"],
-                                 n_a=n_a, update_mode=mode, n_src=n_src)
+                                 n_a=n_a, update_mode=mode, n_src=c.get("n_src"),
+                                 q_pos=c.get("q_pos"))
 
             if len(cluster) == 1:
-                outs = [apply(p, ctxs[0])]
-            else:  # same shapes in every group of the cluster: one vmapped call
-                stacked = jax.vmap(apply)(p, _stack_trees(ctxs))
+                outs = [apply(p, ins[0])]
+            else:  # the same (padded) shapes in every group of the cluster: one vmapped call
+                stacked = jax.vmap(apply)(p, _stack_trees(ins))
                 outs = [tuple(o[gi] for o in stacked) for gi in range(len(cluster))]
             for gi, out in enumerate(outs):
-                for bi, part in zip(call, _split_call(out, [g0.buckets[bi] for bi in call]),
+                for bi, part in zip(parts[gi], unpadded_outputs(out, buckets[gi], shape, mode),
                                     strict=True):
                     per_group[gi][bi] = part
         for g, outs in zip(cluster, per_group, strict=True):
@@ -473,49 +477,120 @@ def predict_group_deltas(
 
 
 
+def _tokens(buckets: list[Any]) -> tuple[int, int]:
+    """(real, padded) token rows of buckets run as one call (target and source tokens)."""
+    real = sum(len(b.modules) * (b.n_t + b.n_s) for b in buckets)
+    M = sum(len(b.modules) for b in buckets)
+    padded = M * (max(b.n_a for b in buckets) + max(b.n_b for b in buckets)
+                  + max(b.n_s for b in buckets))
+    return real, padded
+
+
 def merged_calls(g: Group) -> list[tuple[int, ...]]:
     """How a group's buckets run: tuples of bucket indices, each one network call.
 
-    Buckets with the same target tokens (``n_a``, ``n_b``) that differ only in their source
-    tokens run as ONE call, their source tokens padded to the largest count and masked out of
-    the attention (exact: a padded key gets weight 0 and every output is sliced back to its
-    bucket), as long as the padding adds at most ``MERGE_PAD_LIMIT`` times the real source
-    tokens. Fewer, larger calls compile faster (docs/performance.md §6)."""
-    by_targets: dict[tuple[int, int], list[int]] = {}
-    for i, b in enumerate(g.buckets):
-        by_targets.setdefault((b.n_a, b.n_b), []).append(i)
-    calls = []
-    for idx in by_targets.values():
-        real = sum(len(g.buckets[i].modules) * g.buckets[i].n_s for i in idx)
-        padded = sum(len(g.buckets[i].modules) for i in idx) * max(g.buckets[i].n_s for i in idx)
-        if len(idx) > 1 and padded <= MERGE_PAD_LIMIT * real:
-            calls.append(tuple(idx))
-        else:
-            calls.extend((i,) for i in idx)
-    return sorted(calls)
+    Buckets run as ONE call, each one's ``A^T``, B and source tokens zero-padded to the call's
+    largest counts (`padded_call`: padded source tokens are masked out of the attention, padded
+    target tokens decode nothing, and every output is sliced back to its bucket: exact), as long
+    as the padding adds at most ``MERGE_PAD_LIMIT`` times the real tokens. Fewer, larger calls
+    compile faster (docs/performance.md §6)."""
+    calls: list[list[int]] = []
+    for i in sorted(range(len(g.buckets)), key=lambda i: (g.buckets[i].n_t + g.buckets[i].n_s,
+                                                         i)):
+        if calls:
+            real, padded = _tokens([g.buckets[j] for j in [*calls[-1], i]])
+            if padded <= MERGE_PAD_LIMIT * real:
+                calls[-1].append(i)
+                continue
+        calls.append([i])
+    return sorted(tuple(sorted(c)) for c in calls)
 
 
-def _merged_contexts(ctxs: list[Mapping[str, Any]], buckets: list[Any]) -> dict[str, Array]:
-    """Buckets' contexts as one batch: source tokens zero-padded to the largest count."""
-    if len(ctxs) == 1:
+def _call_shape(buckets: list[list[Any]]) -> tuple[int, int, int, int]:
+    """``(M, n_a, n_b, n_s)`` of one call: the largest over its groups (rows = the group's
+    buckets' modules) and buckets."""
+    flat = [b for bs in buckets for b in bs]
+    return (max(sum(len(b.modules) for b in bs) for bs in buckets), max(b.n_a for b in flat),
+            max(b.n_b for b in flat), max(b.n_s for b in flat))
+
+
+def _pad_to(x: Array, n: int, axis: int) -> Array:
+    if x.shape[axis] == n:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _exact(buckets: list[Any], shape: tuple[int, int, int, int]) -> bool:
+    """One bucket that already has the call's shape (nothing to pad)."""
+    b = buckets[0]
+    return len(buckets) == 1 and (len(b.modules), b.n_a, b.n_b, b.n_s) == tuple(shape)
+
+
+def padded_call(ctxs: list[Mapping[str, Any]], buckets: list[Any],
+                shape: tuple[int, int, int, int], mode: str, max_pos: int, *,
+                plain: bool) -> dict[str, Array]:
+    """One group's buckets as the inputs of a call of ``shape`` ``(M, n_a, n_b, n_s)``: each
+    bucket's ``A^T`` and B tokens padded to ``n_a`` and ``n_b``, its source tokens to ``n_s``,
+    the modules concatenated and padded to ``M`` rows (zeros). With any padding, ``n_src``
+    (real source tokens per row) and ``q_pos`` (each row's query positions, its own ``n_a``
+    first: the positions of the unpadded call; clipped below ``max_pos`` on padded queries)
+    come along; ``plain`` (no group of the call needs padding): the contexts as they are."""
+    M, n_a, n_b, n_s = shape
+    if plain:
         return {k: jnp.asarray(ctxs[0][k]) for k in ("tgt", "tgt_s", "src", "src_s")}
-    n_s = max(b.n_s for b in buckets)
-    out = {k: jnp.concatenate([jnp.asarray(c[k]) for c in ctxs]) for k in ("tgt", "tgt_s")}
-    for k in ("src", "src_s"):
-        out[k] = jnp.concatenate([jnp.pad(jnp.asarray(c[k]), ((0, 0), (0, n_s - b.n_s), (0, 0)))
-                                  for c, b in zip(ctxs, buckets, strict=True)])
-    return out
+    out: dict[str, list[Array]] = {k: [] for k in ("tgt", "tgt_s", "src", "src_s")}
+    n_src, n_as = [], []
+    for c, b in zip(ctxs, buckets, strict=True):
+        for k in ("tgt", "tgt_s"):
+            x = jnp.asarray(c[k])
+            out[k].append(jnp.concatenate([_pad_to(x[:, : b.n_a], n_a, 1),
+                                           _pad_to(x[:, b.n_a:], n_b, 1)], axis=1))
+        for k in ("src", "src_s"):
+            out[k].append(_pad_to(jnp.asarray(c[k]), n_s, 1))
+        n_src += [b.n_s] * len(b.modules)
+        n_as += [b.n_a] * len(b.modules)
+    res = {k: _pad_to(jnp.concatenate(v), M, 0) for k, v in out.items()}
+    rows = len(n_src)
+    res["n_src"] = jnp.asarray(np.pad(n_src, (0, M - rows)), jnp.int32)
+    na = np.pad(n_as, (0, M - rows))[:, None]
+    b_pos = na + np.arange(n_b)[None]
+    a_pos = np.broadcast_to(np.arange(n_a)[None], (M, n_a))
+    q = {"b_only": b_pos, "a_only": a_pos,
+         "ab_joint": np.concatenate([a_pos, b_pos], axis=1)}[mode]
+    res["q_pos"] = jnp.asarray(np.minimum(q, max_pos - 1), jnp.int32)
+    return res
 
 
-def _split_call(out: tuple[Array, ...], buckets: list[Any]) -> list[tuple[Array, ...]]:
-    """One call's ``(delta, attn, z_t, z_s)`` back per bucket (its modules, real tokens)."""
-    if len(buckets) == 1:
+def _target_tokens(x: Array, n_a: int, n_b: int, n_a_pad: int) -> Array:
+    """A padded call's ``A^T`` + B token axis (1) back to a bucket's ``n_a`` + ``n_b``."""
+    if n_a == n_a_pad:
+        return x[:, : n_a + n_b]
+    return jnp.concatenate([x[:, :n_a], x[:, n_a_pad: n_a_pad + n_b]], axis=1)
+
+
+def unpadded_outputs(out: tuple[Array, ...], buckets: list[Any],
+                     shape: tuple[int, int, int, int], mode: str) -> list[tuple[Array, ...]]:
+    """One group's ``(delta, attn, z_t, z_s)`` of a `padded_call` back per bucket: its
+    modules, its real tokens, in the layout of an unpadded call."""
+    n_a_pad = shape[1]
+    if _exact(buckets, shape):
         return [out]
     delta, attn, z_t, z_s = out
     parts, lo = [], 0
     for b in buckets:
         hi = lo + len(b.modules)
-        parts.append((delta[lo:hi], attn[lo:hi, :, : b.n_s], z_t[lo:hi], z_s[lo:hi, : b.n_s]))
+
+        def queries(x: Array, b: Any = b) -> Array:
+            if mode == "b_only":
+                return x[:, : b.n_b]
+            if mode == "a_only":
+                return x[:, : b.n_a]
+            return _target_tokens(x, b.n_a, b.n_b, n_a_pad)
+
+        parts.append((queries(delta[lo:hi]), queries(attn[lo:hi, :, : b.n_s]),
+                      _target_tokens(z_t[lo:hi], b.n_a, b.n_b, n_a_pad), z_s[lo:hi, : b.n_s]))
         lo = hi
     return parts
 
@@ -655,23 +730,47 @@ def predict_delta_B(
     return delta_B, aux
 
 
-def _bucket_signature(g: Group) -> tuple:
-    return (g.rank, tuple((len(b.modules), b.n_a, b.n_b, b.n_s) for b in g.buckets))
-
-
 def group_clusters(plan: FusionPlan) -> list[list[Group]]:
-    """Groups whose networks see identically shaped inputs, in plan order.
+    """Groups whose networks run as ONE vmapped call (stacked parameters), in plan order.
 
-    Their networks have identical shapes too, so they run as ONE vmapped call (stacked
-    parameters): in the paper's setting (all-linear LoRA, every target layer reached by the
-    sources) the 7 groups become one batched network. Fewer, larger kernels run faster and
-    compile much faster; the values are those of the per-group loop.
+    Groups of identical token and module counts always share a call. Other groups of the same
+    rank (networks of the same shapes) join one when their calls (`merged_calls`) padded to
+    common counts (`padded_call`: exact) add at most ``MERGE_PAD_LIMIT`` times the real tokens
+    AND at most ``CLUSTER_PAD_BUDGET`` padded token values in all: small calls (the demo's)
+    merge, since a kernel costs compile time whatever its size, while the paper's large ones
+    are not padded, since there the padding would cost run time on every step. In the paper's
+    setting (all-linear LoRA) the 7 groups become three batched networks (down; gate and up;
+    the attention projections).
+    Fewer, larger kernels run faster and compile much faster; the values are those of the
+    per-group loop.
     """
-    clusters: dict[tuple, list[Group]] = {}
+    clusters: list[list[Group]] = []
     for g in plan.groups:
-        clusters.setdefault(_bucket_signature(g), []).append(g)
-    return list(clusters.values())
+        for c in clusters:
+            if c[0].rank == g.rank and _cluster_fits([*c, g], plan.block_size):
+                c.append(g)
+                break
+        else:
+            clusters.append([g])
+    return clusters
 
+
+CLUSTER_PAD_BUDGET = 2**20  # padded token values (tokens x block_size x rank) a cluster may add
+
+
+def _cluster_fits(cluster: list[Group], block_size: int) -> bool:
+    calls = [merged_calls(g) for g in cluster]
+    if len({len(c) for c in calls}) != 1:
+        return False
+    real = padded = 0
+    for parts in zip(*calls, strict=True):
+        buckets = [[g.buckets[bi] for bi in call] for g, call in zip(cluster, parts,
+                                                                   strict=True)]
+        M, n_a, n_b, n_s = _call_shape(buckets)
+        real += sum(_tokens(bs)[0] for bs in buckets)
+        padded += len(cluster) * M * (n_a + n_b + n_s)
+    extra = (padded - real) * block_size * cluster[0].rank
+    return padded == real or (padded <= MERGE_PAD_LIMIT * real and extra <= CLUSTER_PAD_BUDGET)
 
 
 def fused_group(

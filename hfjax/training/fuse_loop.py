@@ -362,7 +362,7 @@ def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
 
 
 NETS_DIR = "transfer_nets"
-STATE_LAYOUT = "clusters-1"  # pack_nets' layout of the step's networks and optimizer state
+STATE_LAYOUT = "clusters-2"  # pack_nets' layout of the step's networks and optimizer state
 
 
 def save_networks(params: Any, out_dir: Path, plan: FusionPlan) -> Path:
