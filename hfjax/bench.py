@@ -304,6 +304,8 @@ class JaxSide:
         self.compile_s = time.perf_counter() - t0
         self.first_lm_loss: float | None = None
         if step_only:  # no network / LM executables and no second copy of the networks
+            del net, params, ctx
+            machine.release_free_heap()  # what the fuse loop does after its setup
             return
 
         cot = {n: jnp.ones_like(self.frozen["adapter"][n]["B"]) for n in plan.fused_modules}

@@ -18,7 +18,6 @@ Export walks the same table the other way and writes with `bridge.save_checkpoin
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bridge.checkpoint import open_checkpoint, save_checkpoint
 from bridge.errors import CheckpointError, UserError
+from hfjax.machine import release_free_heap
 from hfjax.models.config import ModelConfig, ModelConfigError
 from hfjax.models.key_tables import (
     IGNORED_HF_SUFFIXES,
@@ -155,7 +155,7 @@ def from_pretrained(path: str | Path, dtype: Any = None, *, mesh: Mesh | None = 
             untrimmed += x.nbytes
             del x
             if untrimmed >= _TRIM_EVERY:
-                _trim_host_heap()
+                release_free_heap()
                 untrimmed = 0
         if stats is not None:
             stats["bytes_read"] = reader.bytes_read
@@ -192,23 +192,10 @@ def _load_stacked(reader: Any, table: Sequence[Any], cfg: ModelConfig, dtype: An
             del x
         set_path(params, key, _place(buf, _sharding_for((None, *specs[0].axes), mesh, rules)))
         del buf
-        _trim_host_heap()
+        release_free_heap()
     return params
 
 
-def _trim_host_heap() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise); no-op elsewhere."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None
 # malloc_trim walks the whole heap, so trimming after every small tensor made repeated
 # loads of small models much slower (docs/performance.md §4.5). Big checkpoints still trim
 # after every large tensor; at most this many bytes of freed host copies wait for the

@@ -7,11 +7,13 @@ cannot be compared.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -49,3 +51,24 @@ def peak_rss_mb(status: Path = Path("/proc/self/status")) -> float:
         pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kib / 1024 if sys.platform != "darwin" else kib / 2**20, 1)
+
+
+_MALLOC_TRIM: Any = None
+
+
+def release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc's ``malloc_trim(0)``; a no-op elsewhere).
+
+    glibc keeps freed memory inside the process, and a thread's arena is not reused by
+    another thread: host copies freed during setup (checkpoint reads, numpy -> device
+    conversions) would otherwise stay resident while the step's buffers come from fresh pages
+    (docs/performance.md §4.5, §7). It walks the whole heap, so call it after large frees,
+    not in a hot loop."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)

@@ -122,7 +122,7 @@ def test_loading_trims_the_heap_by_bytes_not_per_tensor(case, monkeypatch):
 
     name, d = case
     calls: list[int] = []
-    monkeypatch.setattr(loading, "_trim_host_heap", lambda: calls.append(1))
+    monkeypatch.setattr(loading, "release_free_heap", lambda: calls.append(1))
     ref = loading.from_pretrained(d, dtype="float32")
     assert calls == []  # a tiny model stays under one trim's worth of bytes
     n_tensors = len(jax.tree.leaves(ref.params))

@@ -31,6 +31,7 @@ from flax import linen as nn
 
 from bridge import LoraAdapter, load_adapter, save_adapter
 from hfjax import distributed as dist
+from hfjax import machine
 from hfjax import run_dir as rd
 from hfjax import sharding as shd
 from hfjax.atomic import write_json_atomic
@@ -304,6 +305,8 @@ def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
     state = jax.jit(lambda p: {"params": p, "opt_state": optimizer.init(p),
                                "step": jnp.zeros((), jnp.int32)},
                     out_shardings=state_sh)(shd.put_tree(params, param_sh))
+    del boxed, params
+    machine.release_free_heap()  # setup's freed host copies are not the step's (§7)
 
     settings = LoopSettings(total_steps=steps, log_every=tr.log_every,
                             checkpoint_every=tr.checkpoint_every,
