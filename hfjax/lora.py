@@ -19,8 +19,13 @@ LoraParams = dict[str, jax.Array]
 
 
 def linear(x: jax.Array, p: dict[str, Any], lora: LoraParams | None = None) -> jax.Array:
-    """A (possibly LoRA-patched) linear layer on the last axis of ``x``."""
-    y = x @ p["kernel"].astype(x.dtype)
+    """A (possibly LoRA-patched) linear layer on the last axis of ``x``. A uint16 kernel is a
+    frozen bf16 kernel's bits (`as_bits`)."""
+    if p["kernel"].dtype == jnp.uint16:
+        # Rematerialised: the backward re-reads the bits, not a saved bf16 (or f32) copy.
+        y = jax.checkpoint(_bits_dot)(x, p["kernel"])
+    else:
+        y = x @ p["kernel"].astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     if lora is not None:
@@ -29,6 +34,27 @@ def linear(x: jax.Array, p: dict[str, Any], lora: LoraParams | None = None) -> j
         delta = lora_up(xa.astype(jnp.promote_types(a.dtype, b.dtype)), b, lora["scale"])
         y = y + delta.astype(y.dtype)
     return y
+
+
+@jax.custom_jvp
+def as_bits(w: jax.Array) -> jax.Array:
+    """A frozen bf16 kernel as its uint16 bits (a free bitcast; `linear` reads them back).
+
+    The scanned decoder on CPU hands its kernels to the layers this way (see
+    ``hfjax.models.decoder._kernels_as_bits``). Not differentiable: the base is frozen, and
+    a gradient with respect to it raises instead of coming back as zeros."""
+    return jax.lax.bitcast_convert_type(w, jnp.uint16)
+
+
+@as_bits.defjvp
+def _as_bits_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
+    raise TypeError("hfjax: the scanned decoder on CPU reads bf16 base kernels as frozen bits; "
+                    "differentiate the LoRA factors, or use a float32 base to train the "
+                    "base weights")
+
+
+def _bits_dot(x: jax.Array, bits: jax.Array) -> jax.Array:
+    return x @ jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(x.dtype)
 
 
 @jax.custom_vjp

@@ -39,11 +39,12 @@ estimates
         M·n_b·2F·4`` (decoder output) ``+ 3·M·n·K·4`` (RDM projections), ``F = block·r``.
 
     ``upcast_weights``  backend-dependent: XLA:CPU has no bf16/f16 dot, so it converts a
-        narrow base's weights to float32 for its dots and keeps every layer's copy alive from
-        the forward to the backward: ``N · layer params · 4``, measured so with the layers
-        unrolled AND scanned (paper setting, bf16, scanned: XLA temp 55.3 GiB at 32 layers /
-        123.5 GiB at 80 vs this plan's transient 48.5 / 114.7 GiB). Zero on GPU/TPU (native
-        bf16 dots) and for a float32 base.
+        narrow base's weights to float32 for its dots. With the layers unrolled (or an f16
+        base) it keeps every layer's copy alive from the forward to the backward:
+        ``N · layer params · 4``. A scanned bf16 base hands its kernels to the layer body as
+        integer bits (``hfjax.models.decoder._kernels_as_bits``), so each layer is up-cast
+        inside the loop: ``1 · layer params · 4``. Zero on GPU/TPU (native bf16 dots) and for
+        a float32 base.
         For the same reason ``lm_activations`` use ``b = 4`` on CPU whatever the base dtype.
 
 Assumptions: one micro-batch's activations are alive at a time (the micro-batches are a
@@ -58,6 +59,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from hfjax.sharding import (
@@ -246,15 +248,15 @@ def lm_activation_bytes(model_cfg: Any, batch: int, length: int, dtype: Any, rem
 def upcast_weight_bytes(model_cfg: Any, dtype: Any, backend: str, scanned: bool,
                         rules: Rules, mesh: _MeshShape) -> int:
     """float32 copies of the base weights that the backend makes for its dots (see the
-    module docstring): all layers' on CPU (``scanned`` does not change that today)."""
+    module docstring): on CPU one layer's for a scanned bf16 base, else all layers'."""
     from hfjax.models.key_tables import key_table, our_shape
 
     if backend != "cpu" or np.dtype(dtype).itemsize >= 4:
         return 0
     layer = sum(array_bytes(our_shape(s, model_cfg), 4, s.axes, rules, mesh)
                 for s in key_table(model_cfg) if s.ours[0] == "layers" and s.ours[1] == 0)
-    del scanned  # XLA:CPU keeps the copies of every layer either way (measured)
-    return int(model_cfg.num_hidden_layers * layer)
+    one_at_a_time = scanned and np.dtype(dtype) == np.dtype(jnp.bfloat16)
+    return int((1 if one_at_a_time else model_cfg.num_hidden_layers) * layer)
 
 
 def network_activation_bytes(plan: Any, fusion_cfg: Any, num_projections: int, rules: Rules,

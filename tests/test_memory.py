@@ -164,8 +164,8 @@ def test_planner_matches_xla_for_the_compiled_fuse_step():
 
 
 def test_planner_models_the_backend():
-    """A bf16 base: CPU counts float32 copies of every layer (XLA:CPU keeps them, scanned or
-    not); GPU counts none."""
+    """A bf16 base: CPU counts float32 copies of one layer when scanned (the kernels are
+    up-cast inside the loop) and of every layer unrolled (XLA:CPU keeps them); GPU none."""
     cfg = _tiny_cfg()
     cfg.train.base_dtype = "bfloat16"
     mc = ModelConfig(**TINY)
@@ -181,14 +181,59 @@ def test_planner_models_the_backend():
     cfg.train.scan_layers = False
     loop = memory.memory_plan(cfg, mc, plan, backend="cpu")
     assert gpu["bytes"]["upcast_weights"] == 0 and gpu["backend"] == "gpu"
-    layer = cpu["bytes"]["upcast_weights"]
-    assert layer > 0 and loop["bytes"]["upcast_weights"] == layer
     from hfjax.models.key_tables import key_table, our_shape
 
     layers_f32 = sum(int(np.prod(our_shape(s, mc))) * 4 for s in key_table(mc)
                      if s.ours[0] == "layers")
-    assert layer == layers_f32
+    assert loop["bytes"]["upcast_weights"] == layers_f32
+    assert cpu["bytes"]["upcast_weights"] * mc.num_hidden_layers == layers_f32
     assert cpu["bytes"]["lm_activations"] > gpu["bytes"]["lm_activations"]  # f32 on CPU
     cfg.train.base_dtype = "float32"
     assert memory.memory_plan(cfg, mc, plan, backend="cpu")["bytes"]["upcast_weights"] == 0
     assert "backend cpu" in memory.memory_plan_text(cfg, mc, plan, backend="cpu")
+
+
+def test_scanned_bf16_base_is_upcast_one_layer_at_a_time(monkeypatch):
+    """XLA:CPU up-casts a bf16 dot's operands; given kernels sliced from the stacked bf16
+    array it used to up-cast the whole stack outside the loop (a float32 copy of every
+    layer, alive from the forward to the backward). The scanned decoder hands the kernels
+    over as bits, so no stacked float32 kernel exists in the compiled gradient; the values
+    are the plain bf16 forward's; a gradient w.r.t. the base raises."""
+    from hfjax.loading import init_params
+    from hfjax.models.decoder import forward, stack_layers
+    from hfjax.training.objective import lm_loss
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the bits path is CPU-only")
+    mc = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                     head_dim=16)
+    params = init_params(mc, jax.random.key(0), jnp.bfloat16)
+    stacked = stack_layers(params)
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 3, 64)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+    for remat in (False, True):
+        def grad(e, p, remat=remat):
+            return jax.grad(lambda e: lm_loss({**p, "embed": e}, mc, batch, {}, remat=remat))(e)
+
+        text = jax.jit(grad).lower(stacked["embed"], stacked).compile().as_text()
+        for shape in ("f32[4,64,64]", "f32[4,64,96]", "f32[4,96,64]"):
+            assert shape not in text, (remat, shape)
+    def logits_and_grad(p):
+        return jax.jit(lambda p: (forward(p, mc, ids, batch["attention_mask"], {})[0],
+                                  jax.grad(lambda e: lm_loss({**p, "embed": e}, mc, batch,
+                                                             {}))(p["embed"])))(p)
+
+    got = logits_and_grad(stacked)
+    with pytest.raises(TypeError, match="frozen bits"):
+        jax.grad(lambda p: lm_loss(p, mc, batch, {}))(stacked)
+    import hfjax.models.decoder as decoder
+
+    monkeypatch.setattr(decoder, "_kernels_as_bits", lambda layers: layers)  # plain bf16
+    want = logits_and_grad(stacked)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # ... and the plain path does have the stacked float32 copies (what this test guards)
+    text = jax.jit(lambda e, p: jax.grad(lambda e: lm_loss({**p, "embed": e}, mc, batch, {}))(
+        e)).lower(stacked["embed"], stacked).compile().as_text()
+    assert "f32[4,64,96]" in text

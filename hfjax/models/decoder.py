@@ -396,6 +396,22 @@ def _loop_layers(x: jax.Array, layers: list[Params], cfg: ModelConfig, rotary: d
     return x, new_layers
 
 
+def _kernels_as_bits(layers: Params) -> Params:
+    """On CPU, the stacked bf16 kernels as their uint16 bits (`lora.as_bits`; free).
+
+    XLA:CPU has no bf16 dot, so it up-casts a dot's operands; reaching a kernel sliced from
+    the stacked array, it up-casts the whole stack once, outside the loop, and keeps that
+    float32 copy of every layer from the forward to the backward. Sliced as integers, each
+    layer's kernel is up-cast inside the loop body: one layer's float32 copy at a time (the
+    same dots and values; docs/performance.md §7). Other backends have bf16 dots."""
+    if jax.default_backend() != "cpu":
+        return layers
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: lora.as_bits(a) if (a.dtype == jnp.bfloat16
+                                            and getattr(path[-1], "key", None) == "kernel")
+        else a, layers)
+
+
 def _scan_layers(x: jax.Array, layers: Params, cfg: ModelConfig, rotary: dict, masks: dict,
                  adapter: Adapter, kv_layers: Any, start: jax.Array, q_idx: jax.Array,
                  k_idx: jax.Array, k_valid: jax.Array, remat: bool,
@@ -405,7 +421,7 @@ def _scan_layers(x: jax.Array, layers: Params, cfg: ModelConfig, rotary: dict, m
     windows = [w or 0 for w in cfg.sliding_windows]
     local = [w is not None and cfg.rope_local_theta is not None for w in cfg.sliding_windows]
     lora = stack_adapter(adapter, cfg) if stacked_lora is None else stacked_lora
-    xs: dict[str, Any] = {"p": layers, "lora": lora}
+    xs: dict[str, Any] = {"p": _kernels_as_bits(layers), "lora": lora}
     if len(set(windows)) > 1:
         xs["window"] = jnp.asarray(windows, jnp.int32)
     if len(set(local)) > 1:
