@@ -176,7 +176,7 @@ def abstract_inputs(cfg: Any, model_cfg: Any, plan: Any, scan: bool = True) -> t
     from hfjax.fusion.network import pack_nets
     from hfjax.loading import init_params, resolve_dtype
     from hfjax.memory import network_shapes
-    from hfjax.models.decoder import module_names, stack_layers
+    from hfjax.models.decoder import frozen_kernel_bits, module_names, stack_layers
     from hfjax.training.fuse_loop import statics_from
 
     sds = jax.ShapeDtypeStruct
@@ -184,7 +184,7 @@ def abstract_inputs(cfg: Any, model_cfg: Any, plan: Any, scan: bool = True) -> t
     dtype = resolve_dtype(cfg.train.base_dtype)
     base = jax.eval_shape(lambda: init_params(model_cfg, jax.random.PRNGKey(0), dtype))
     if scan:
-        base = jax.eval_shape(stack_layers, base)
+        base = jax.eval_shape(lambda b: frozen_kernel_bits(stack_layers(b)), base)  # as fuse
     shapes = module_names(model_cfg)
     rank = {m.name: m.rank for g in plan.groups for m in g.modules}
     adapter = {}

@@ -43,8 +43,8 @@ estimates
         base) it keeps every layer's copy alive from the forward to the backward:
         ``N · layer params · 4``. A scanned bf16 base hands its kernels to the layer body as
         integer bits (``hfjax.models.decoder._kernels_as_bits``), so each layer is up-cast
-        inside the loop: ``1 · layer params · 4``. Zero on GPU/TPU (native bf16 dots) and for
-        a float32 base.
+        inside the loop: ``1 · layer params · 4``. Plus the output head's float32 copy (the
+        logits' dot). Zero on GPU/TPU (native bf16 dots) and for a float32 base.
         For the same reason ``lm_activations`` use ``b = 4`` on CPU whatever the base dtype.
 
 Assumptions: one micro-batch's activations are alive at a time (the micro-batches are a
@@ -253,10 +253,14 @@ def upcast_weight_bytes(model_cfg: Any, dtype: Any, backend: str, scanned: bool,
 
     if backend != "cpu" or np.dtype(dtype).itemsize >= 4:
         return 0
+    table = key_table(model_cfg)
     layer = sum(array_bytes(our_shape(s, model_cfg), 4, s.axes, rules, mesh)
-                for s in key_table(model_cfg) if s.ours[0] == "layers" and s.ours[1] == 0)
+                for s in table if s.ours[0] == "layers" and s.ours[1] == 0)
+    heads = [s for s in table if s.ours[0] == "lm_head"] or [s for s in table
+                                                            if s.ours[0] == "embed"]
+    head = sum(array_bytes(our_shape(s, model_cfg), 4, s.axes, rules, mesh) for s in heads)
     one_at_a_time = scanned and np.dtype(dtype) == np.dtype(jnp.bfloat16)
-    return int((1 if one_at_a_time else model_cfg.num_hidden_layers) * layer)
+    return int((1 if one_at_a_time else model_cfg.num_hidden_layers) * layer + head)
 
 
 def network_activation_bytes(plan: Any, fusion_cfg: Any, num_projections: int, rules: Rules,

@@ -183,10 +183,13 @@ def test_planner_models_the_backend():
     assert gpu["bytes"]["upcast_weights"] == 0 and gpu["backend"] == "gpu"
     from hfjax.models.key_tables import key_table, our_shape
 
-    layers_f32 = sum(int(np.prod(our_shape(s, mc))) * 4 for s in key_table(mc)
-                     if s.ours[0] == "layers")
-    assert loop["bytes"]["upcast_weights"] == layers_f32
-    assert cpu["bytes"]["upcast_weights"] * mc.num_hidden_layers == layers_f32
+    def f32_bytes(part):
+        return sum(int(np.prod(our_shape(s, mc))) * 4 for s in key_table(mc)
+                   if s.ours[0] == part)
+
+    head = f32_bytes("lm_head") or f32_bytes("embed")  # the logits' dot
+    assert loop["bytes"]["upcast_weights"] == f32_bytes("layers") + head
+    assert (cpu["bytes"]["upcast_weights"] - head) * mc.num_hidden_layers == f32_bytes("layers")
     assert cpu["bytes"]["lm_activations"] > gpu["bytes"]["lm_activations"]  # f32 on CPU
     cfg.train.base_dtype = "float32"
     assert memory.memory_plan(cfg, mc, plan, backend="cpu")["bytes"]["upcast_weights"] == 0

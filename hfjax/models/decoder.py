@@ -396,20 +396,39 @@ def _loop_layers(x: jax.Array, layers: list[Params], cfg: ModelConfig, rotary: d
     return x, new_layers
 
 
+def _is_bf16_kernel(path: Any, a: Any) -> bool:
+    return a.dtype == jnp.bfloat16 and getattr(path[-1], "key", None) == "kernel"
+
+
 def _kernels_as_bits(layers: Params) -> Params:
-    """On CPU, the stacked bf16 kernels as their uint16 bits (`lora.as_bits`; free).
+    """On CPU, the stacked bf16 kernels as their uint16 bits (`lora.as_bits`).
 
     XLA:CPU has no bf16 dot, so it up-casts a dot's operands; reaching a kernel sliced from
     the stacked array, it up-casts the whole stack once, outside the loop, and keeps that
     float32 copy of every layer from the forward to the backward. Sliced as integers, each
     layer's kernel is up-cast inside the loop body: one layer's float32 copy at a time (the
-    same dots and values; docs/performance.md §7). Other backends have bf16 dots."""
+    same dots and values; docs/performance.md §7). XLA:CPU still copies the stack once to
+    reinterpret it; `frozen_kernel_bits` does that once, before the step. Other backends
+    have bf16 dots."""
     if jax.default_backend() != "cpu":
         return layers
     return jax.tree_util.tree_map_with_path(
-        lambda path, a: lora.as_bits(a) if (a.dtype == jnp.bfloat16
-                                            and getattr(path[-1], "key", None) == "kernel")
-        else a, layers)
+        lambda path, a: lora.as_bits(a) if _is_bf16_kernel(path, a) else a, layers)
+
+
+def frozen_kernel_bits(params: Params) -> Params:
+    """A stacked bf16 base that is never differentiated (the fuse step's), on CPU: its layer
+    kernels stored as uint16 bits, one array at a time, so that the scanned step neither
+    copies nor up-casts the whole stack (`_kernels_as_bits`). Unchanged elsewhere and for
+    other dtypes; `forward` reads both forms."""
+    if jax.default_backend() != "cpu" or not is_stacked(params):
+        return params
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params["layers"])
+    out = []
+    for path, a in leaves:
+        out.append(jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_bf16_kernel(path, a)
+                   else a)
+    return {**params, "layers": jax.tree_util.tree_unflatten(treedef, out)}
 
 
 def _scan_layers(x: jax.Array, layers: Params, cfg: ModelConfig, rotary: dict, masks: dict,

@@ -48,7 +48,7 @@ from hfjax.fusion.controls import apply_source_control
 from hfjax.fusion.network import nets_of, pack_nets
 from hfjax.loading import from_pretrained, load_tokenizer, resolve_dtype
 from hfjax.models.config import ModelConfig
-from hfjax.models.decoder import is_stacked, layer_plan, stack_layers
+from hfjax.models.decoder import frozen_kernel_bits, is_stacked, layer_plan, stack_layers
 from hfjax.models.key_tables import logical_axes_tree
 from hfjax.sources import load_sources
 from hfjax.training.accumulation import describe as describe_windows
@@ -271,6 +271,7 @@ def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
     if base_params is None:
         base_params = from_pretrained(job.target.model_path, dtype=base_dtype, mesh=mesh,
                                       rules=rules, stacked=scan).params
+        base_params = frozen_kernel_bits(base_params)  # CPU, bf16: one layer up-cast at a time
     else:
         if scan:  # a caller's list-of-layers params: stacked once here (a copy)
             base_params = stack_layers(base_params)
