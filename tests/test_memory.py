@@ -228,6 +228,15 @@ def test_scanned_bf16_base_is_upcast_one_layer_at_a_time(monkeypatch):
                                                              {}))(p["embed"])))(p)
 
     got = logits_and_grad(stacked)
+    from hfjax.models.decoder import frozen_kernel_bits
+
+    stored = frozen_kernel_bits(stacked)  # what the fuse loop holds: bits, converted once
+    assert stored["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.uint16
+    text = jax.jit(lambda e, p: jax.grad(lambda e: lm_loss({**p, "embed": e}, mc, batch, {}))(
+        e)).lower(stored["embed"], stored).compile().as_text()
+    assert "u16[4,64,96]{2,1,0} fusion" not in text  # no per-step copy of the stack
+    for a, b in zip(logits_and_grad(stored), got, strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(TypeError, match="frozen bits"):
         jax.grad(lambda p: lm_loss(p, mc, batch, {}))(stacked)
     import hfjax.models.decoder as decoder
