@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfjax.config.components import TransferNetConfig
-from hfjax.fusion.plan import MERGE_PAD_LIMIT, FusionError, FusionPlan, Group
+from hfjax.fusion.plan import MERGE_PAD_LIMIT, FusionError, FusionPlan, Group, greedy_merge
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -475,8 +475,6 @@ def predict_group_deltas(
     return delta_A, delta_B, aux
 
 
-
-
 def _tokens(buckets: list[Any]) -> tuple[int, int]:
     """(real, padded) token rows of buckets run as one call (target and source tokens)."""
     real = sum(len(b.modules) * (b.n_t + b.n_s) for b in buckets)
@@ -494,16 +492,12 @@ def merged_calls(g: Group) -> list[tuple[int, ...]]:
     target tokens decode nothing, and every output is sliced back to its bucket: exact), as long
     as the padding adds at most ``MERGE_PAD_LIMIT`` times the real tokens. Fewer, larger calls
     compile faster (docs/performance.md §6)."""
-    calls: list[list[int]] = []
-    for i in sorted(range(len(g.buckets)), key=lambda i: (g.buckets[i].n_t + g.buckets[i].n_s,
-                                                         i)):
-        if calls:
-            real, padded = _tokens([g.buckets[j] for j in [*calls[-1], i]])
-            if padded <= MERGE_PAD_LIMIT * real:
-                calls[-1].append(i)
-                continue
-        calls.append([i])
-    return sorted(tuple(sorted(c)) for c in calls)
+    def fits(call: list[int]) -> bool:
+        real, padded = _tokens([g.buckets[j] for j in call])
+        return padded <= MERGE_PAD_LIMIT * real
+
+    order = sorted(range(len(g.buckets)), key=lambda i: (g.buckets[i].n_t + g.buckets[i].n_s, i))
+    return greedy_merge(order, fits)
 
 
 def _call_shape(buckets: list[list[Any]]) -> tuple[int, int, int, int]:

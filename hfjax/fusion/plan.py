@@ -35,7 +35,7 @@ buckets in order of first appearance among their group's modules.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.lora_adapter import LoraAdapter, LoraModule
@@ -52,6 +52,20 @@ from hfjax.fusion.matches import format_ranges as _ranges
 # Rows of different sizes (a group's buckets in the network, the RDM's pairs) run as one padded
 # call while the padding adds at most 50% to the real rows (docs/performance.md §6).
 MERGE_PAD_LIMIT = 1.5
+
+
+def greedy_merge(order: Sequence[int], fits: Callable[[list[int]], bool]
+                 ) -> list[tuple[int, ...]]:
+    """Items taken in ``order``, each joining the last call while ``fits(call + [item])``
+    holds, else starting a new one: the padded calls of `merged_calls` and `rdm_calls`.
+    Calls and their items come back sorted."""
+    calls: list[list[int]] = []
+    for i in order:
+        if calls and fits([*calls[-1], i]):
+            calls[-1].append(i)
+        else:
+            calls.append([i])
+    return sorted(tuple(sorted(c)) for c in calls)
 
 class FusionError(UserError):
     """A fusion request that cannot be honoured; the message is one line naming the culprit."""

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfjax.config.components import RDM_SORTS as _SORTS  # the one table of sort modes
-from hfjax.fusion.plan import MERGE_PAD_LIMIT, FusionError
+from hfjax.fusion.plan import MERGE_PAD_LIMIT, FusionError, greedy_merge
 
 Array = jax.Array
 PRELU_SLOPE = 0.25  # torch.nn.PReLU's initial slope
@@ -206,19 +206,13 @@ def rdm_calls(rows: Sequence[RdmRow]) -> list[tuple[int, ...]]:
     ``MERGE_PAD_LIMIT`` times the real rows. Fewer calls compile faster (docs/performance.md
     §6); at the paper's shape each group's pooled pair is large and the sizes differ, so the
     limit keeps the sorts' extra work bounded."""
+    def fits(call: list[int]) -> bool:
+        real = sum(rows[j].n_t + rows[j].n_s for j in call)
+        padded = len(call) * (max(rows[j].n_t for j in call) + max(rows[j].n_s for j in call))
+        return padded <= MERGE_PAD_LIMIT * real
+
     order = sorted(range(len(rows)), key=lambda i: (rows[i].n_t + rows[i].n_s, rows[i].n_t, i))
-    calls: list[list[int]] = []
-    for i in order:
-        if calls:
-            cand = [*calls[-1], i]
-            real = sum(rows[j].n_t + rows[j].n_s for j in cand)
-            padded = len(cand) * (max(rows[j].n_t for j in cand)
-                                  + max(rows[j].n_s for j in cand))
-            if padded <= MERGE_PAD_LIMIT * real:
-                calls[-1] = cand
-                continue
-        calls.append([i])
-    return [tuple(sorted(c)) for c in sorted(calls)]
+    return greedy_merge(order, fits)
 
 
 def _call_shape(rows: Sequence[RdmRow], call: Sequence[int]) -> tuple[int, int, int]:
