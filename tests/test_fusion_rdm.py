@@ -124,7 +124,7 @@ def test_masked_rows_give_the_unpadded_value_and_gradient():
         assert not np.any(np.asarray(gg[9:]))
 
 
-def test_pair_draws_follow_spec_from_one_draw():
+def test_call_draws_follow_spec_from_one_draw():
     """`call_draws` cuts ONE normal draw of the key into every pair's rectified samples and
     unit-norm directions (the `rdm_draws` distribution), each pair its own numbers."""
     key = jax.random.key(3)
