@@ -232,6 +232,12 @@ def test_scanned_bf16_base_is_upcast_one_layer_at_a_time(monkeypatch):
 
     stored = frozen_kernel_bits(stacked)  # what the fuse loop holds: bits, converted once
     assert stored["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.uint16
+    owned = jax.tree.map(jnp.copy, stacked)
+    consumed = frozen_kernel_bits(owned, consume=True)
+    assert owned["layers"]["mlp"]["up_proj"]["kernel"].is_deleted()
+    assert not owned["layers"]["input_norm"].is_deleted()  # only the kernels are replaced
+    np.testing.assert_array_equal(np.asarray(consumed["layers"]["mlp"]["up_proj"]["kernel"]),
+                                  np.asarray(stored["layers"]["mlp"]["up_proj"]["kernel"]))
     text = jax.jit(lambda e, p: jax.grad(lambda e: lm_loss({**p, "embed": e}, mc, batch, {}))(
         e)).lower(stored["embed"], stored).compile().as_text()
     assert "u16[4,64,96]{2,1,0} fusion" not in text  # no per-step copy of the stack

@@ -416,18 +416,23 @@ def _kernels_as_bits(layers: Params) -> Params:
         lambda path, a: lora.as_bits(a) if _is_bf16_kernel(path, a) else a, layers)
 
 
-def frozen_kernel_bits(params: Params) -> Params:
+def frozen_kernel_bits(params: Params, *, consume: bool = False) -> Params:
     """A stacked bf16 base that is never differentiated (the fuse step's), on CPU: its layer
-    kernels stored as uint16 bits, one array at a time, so that the scanned step neither
-    copies nor up-casts the whole stack (`_kernels_as_bits`). Unchanged elsewhere and for
-    other dtypes; `forward` reads both forms."""
+    kernels stored as uint16 bits (`lora.as_bits`), so that the scanned step neither copies
+    nor up-casts the whole stack (`_kernels_as_bits`). ``consume``: delete each bf16 kernel
+    as soon as its bits exist (the caller owns ``params``; at most one kernel's copy extra).
+    Unchanged elsewhere and for other dtypes; `forward` reads both forms."""
     if jax.default_backend() != "cpu" or not is_stacked(params):
         return params
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params["layers"])
     out = []
     for path, a in leaves:
-        out.append(jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_bf16_kernel(path, a)
-                   else a)
+        if _is_bf16_kernel(path, a):
+            bits = jax.block_until_ready(lora.as_bits(a))
+            if consume:
+                a.delete()
+            a = bits
+        out.append(a)
     return {**params, "layers": jax.tree_util.tree_unflatten(treedef, out)}
 
 

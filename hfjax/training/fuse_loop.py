@@ -271,7 +271,8 @@ def _run_fusion(job: FuseJob, inp: Inputs, out_dir: Path, *, progress: bool,
     if base_params is None:
         base_params = from_pretrained(job.target.model_path, dtype=base_dtype, mesh=mesh,
                                       rules=rules, stacked=scan).params
-        base_params = frozen_kernel_bits(base_params)  # CPU, bf16: one layer up-cast at a time
+        # CPU, bf16: the step up-casts one layer at a time (we own these arrays: consumed)
+        base_params = frozen_kernel_bits(base_params, consume=True)
     else:
         if scan:  # a caller's list-of-layers params: stacked once here (a copy)
             base_params = stack_layers(base_params)
