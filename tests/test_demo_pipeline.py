@@ -56,6 +56,9 @@ def test_every_stage_ran(demo: tuple[Path, dict[str, Any]]) -> None:
     for fam, info in models.items():  # briefly pretrained, not random
         assert info["loss_last"] < info["loss_first"], fam
         assert info["copy_warmup_steps"] == FAST.copy_warmup_steps[fam]
+        text_rows = info["corpus_tokens"] / FAST.pretrain.seq_len
+        share = info["copy_rows"] / (info["copy_rows"] + text_rows)
+        assert abs(share - FAST.copy_row_fraction) < 0.01, fam
     for fam, task in FAST.experts:
         assert (out / "experts" / f"{fam}_{task}" / "adapter" / "adapter_config.json").exists()
         for split in ("val", "test"):  # scored on its own base, from real generations
@@ -188,3 +191,4 @@ def test_full_mode_adds_oracle_merges_and_replay_sweep(tmp_path: Path) -> None:
     report = Path(summary["report"]).read_text()
     assert "## Replay-size sweep (H6)" in report and "- H5: " in report
     assert "| 4 |" in report and f"| {sizes.n_replay} |" in report
+

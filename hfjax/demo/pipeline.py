@@ -7,8 +7,9 @@ No 8B checkpoints needed: everything is built here, each stage for real::
     models   3 tokenizers + 3 briefly pretrained base models           hfjax.demo.pretrain
              Llama (target) 4x64 GQA 4/2, Qwen2 3x48 GQA 4/1 + biases,
              Mistral 5x40 MHA + sliding window, each its own vocabulary;
-             the corpus mixes copy-heavy documents in, and a copy warm-up
-             can precede it (tiny models do not learn to copy spans otherwise)
+             copy documents, random-string copy rows and copy warm-up
+             rounds can be mixed in (off by default: no recipe that fits
+             the 10 minutes made the experts copy spans, docs/demo.md)
     experts  LoRA experts: Llama on movie (the target); Qwen2 on news    hfjax.training.lora_train
              and relation, Mistral on typing and vehicle (the sources);
              each scored on its own base, on its task's val and test split
@@ -55,6 +56,8 @@ from hfjax.testing.models import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
 __all__ = ["DEFAULT", "FAST", "FULL", "STAGES", "DemoSizes", "run_demo"]
 
 STAGES: tuple[str, ...] = ("data", "models", "experts", "study", "report")
+#: The zoo's model families, in the order their bases are built (and seeded).
+_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral")
 #: Bumped when a stage's outputs change meaning, so old caches are not reused.
 _VERSION = 2
 
@@ -74,8 +77,14 @@ class DemoSizes:
         copy_fraction: Share of copy-heavy pretraining documents (`pretraining_corpus`).
         copy_warmup_steps / copy_warmup_lr: Steps (per family) and lr of a first pretraining
             phase on repeated random token strings (`copy_rows`), before the corpus; 0: none.
+        copy_warmup_rounds: At most this many warm-up phases; the next one runs only while
+            the model does not copy fresh random strings (second-half NLL above half the
+            first half's): the circuit forms after a plateau of uneven length.
+        copy_row_fraction: Share of the corpus phase's packed rows that are repeated random
+            token strings (`mix_copy_rows`), mixed in with the text; 0: none.
         shapes: Model shape per family (depth, width, GQA layout; `hfjax.testing.models`).
-        vocab_sizes: Tokenizer vocabulary size per family.
+        vocab_sizes: Tokenizer vocabulary size per family (at most: from ~2200 on, every
+            corpus word is one token; docs/demo.md).
         pretrain_steps: Pretraining steps per family.
         pretrain: Batch, length, learning rate of pretraining (``steps`` is per family).
         cutoff_len / min_bucket: Token limit and smallest padded length of training batches.
@@ -109,6 +118,8 @@ class DemoSizes:
     copy_warmup_steps: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
         "llama": 0, "qwen2": 0, "mistral": 0})
     copy_warmup_lr: float = 1.5e-3
+    copy_warmup_rounds: int = 1
+    copy_row_fraction: float = 0.0
     shapes: Mapping[str, FamilyShape] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_SHAPES))
     vocab_sizes: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
@@ -160,6 +171,7 @@ class DemoSizes:
             "data": ("tasks", "n_train", "n_val", "n_replay", "n_test", "data_seed",
                      "replay_sweep"),
             "models": ("corpus_docs", "copy_fraction", "copy_warmup_steps", "copy_warmup_lr",
+                       "copy_warmup_rounds", "copy_row_fraction",
                        "shapes", "vocab_sizes", "pretrain_steps", "pretrain"),
             "experts": ("experts", "cutoff_len", "min_bucket", "lora_r", "lora_targets",
                         "lora_epochs", "lora_batch", "lora_lr", "eval_batch", "max_new_tokens"),
@@ -184,14 +196,16 @@ DEFAULT = DemoSizes(name="default")
 FAST = DemoSizes(
     name="fast", source_tasks={"qwen2": ("news", "relation"), "mistral": ("vehicle",)},
     n_train=64, n_val=8, n_replay=8, n_test=8, corpus_docs=600, copy_fraction=0.3,
-    copy_warmup_steps={"llama": 10, "qwen2": 0, "mistral": 0},
+    copy_warmup_steps={"llama": 10, "qwen2": 0, "mistral": 0}, copy_warmup_rounds=1,
+    copy_row_fraction=0.2,
     shapes={"llama": FamilyShape("llama", 3, 32, 4, 2, 64, 512),
             "qwen2": FamilyShape("qwen2", 2, 24, 2, 1, 48, 640),
             "mistral": FamilyShape("mistral", 4, 32, 4, 4, 64, 448, sliding_window=32)},
     vocab_sizes={"llama": 512, "qwen2": 640, "mistral": 448},
     pretrain_steps={"llama": 40, "qwen2": 40, "mistral": 40},
     pretrain=PretrainConfig(steps=0, batch_size=8, seq_len=64, lr=5e-3),
-    lora_targets=("q_proj", "v_proj"), lora_epochs=1, lora_batch=16, fuse_epochs=1,
+    cutoff_len=256, min_bucket=256,
+    lora_targets=("q_proj", "v_proj"), lora_epochs=1, lora_batch=16, lora_lr=1e-2, fuse_epochs=1,
     fuse_batch=16, num_projections=32, eval_batch=8, max_new_tokens=24,
     study_rows=("base", "target", "fused", "noise_sources", "tuned_target"))
 
@@ -281,7 +295,7 @@ def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
 def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
     import jax
 
-    from hfjax.demo.pretrain import copy_rows, pack_corpus, pretrain
+    from hfjax.demo.pretrain import copy_nll, copy_rows, mix_copy_rows, pack_corpus, pretrain
     from hfjax.loading import init_params
     from hfjax.testing import tasks
     from hfjax.testing.models import build_base_model, model_config
@@ -301,35 +315,51 @@ def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
         shape = s.shapes[fam]
         cfg = model_config(shape, tok)
         pcfg = dataclasses.replace(s.pretrain, steps=s.pretrain_steps[fam], seed=i)
-        tokens = pack_corpus(corpus, tok, pcfg.seq_len)
+        text_rows = pack_corpus(corpus, tok, pcfg.seq_len)
+        tokens = mix_copy_rows(text_rows, s.copy_row_fraction, cfg.vocab_size, seed=1000 + i)
         params = init_params(cfg, jax.random.PRNGKey(100 + i))
         warm = s.copy_warmup_steps.get(fam, 0)
         warm_losses: list[float] = []
-        if warm:
-            wcfg = dataclasses.replace(pcfg, steps=warm, lr=s.copy_warmup_lr)
-            rows = copy_rows(warm * wcfg.batch_size, wcfg.seq_len, cfg.vocab_size, seed=i)
-            params, warm_losses = pretrain(cfg, params, rows, wcfg, progress=ctx.progress,
-                                           desc=f"copy warm-up {fam}")
+        rounds = 0
+        for rounds in range(1, s.copy_warmup_rounds + 1 if warm else 1):
+            # a copy circuit is born after a plateau of uneven length: warm up again (fresh
+            # strings) until the model copies, at most copy_warmup_rounds times
+            seed = i + 97 * (rounds - 1)  # round 1: the single warm-up of earlier versions
+            wcfg = dataclasses.replace(pcfg, steps=warm, lr=s.copy_warmup_lr, seed=seed)
+            rows = copy_rows(warm * wcfg.batch_size, wcfg.seq_len, cfg.vocab_size, seed=seed)
+            params, losses = pretrain(cfg, params, rows, wcfg, progress=ctx.progress,
+                                      desc=f"copy warm-up {fam} ({rounds})")
+            warm_losses += losses
+            first, second = copy_nll(cfg, params, seq_len=wcfg.seq_len)
+            _log(f"   {fam}: copy warm-up round {rounds}: NLL of repeated random strings "
+                 f"{first:.2f} first half, {second:.2f} second")
+            if second < 0.5 * first:
+                break
         params, losses = pretrain(cfg, params, tokens, pcfg, progress=ctx.progress,
                                   desc=f"pretrain {fam}")
+        first, second = copy_nll(cfg, params, seq_len=pcfg.seq_len)
         build_base_model(work / fam, shape, tok, params=params)
         shutil.rmtree(work / f"tokenizer_{fam}")
         n_params = sum(x.size for x in jax.tree.leaves(params))
         info = {"shape": dataclasses.asdict(shape), "vocab": cfg.vocab_size,
-                "params": int(n_params), "corpus_tokens": int(tokens.size), "steps": pcfg.steps,
+                "params": int(n_params), "corpus_tokens": int(text_rows.size),
+                "copy_rows": int(tokens.shape[0] - text_rows.shape[0]),
+                "copy_nll": [round(first, 3), round(second, 3)], "steps": pcfg.steps,
                 "loss_first": round(losses[0], 4),
                 "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
                 "losses": [round(x, 4) for x in losses], "copy_warmup_steps": warm,
+                "copy_warmup_rounds": rounds,
                 "copy_warmup_loss_last": (round(sum(warm_losses[-10:]) / len(warm_losses[-10:]), 4)
                                           if warm_losses else None),
                 "seconds": round(time.time() - t0, 1)}
         _log(f"   {fam}: {shape.layers} layers x {shape.hidden}, {shape.heads}/{shape.kv_heads} "
              f"heads, vocab {cfg.vocab_size}, {n_params / 1e3:.0f}k params; loss "
-             f"{info['loss_first']:.2f} -> {info['loss_last']:.2f} ({info['seconds']:.0f}s)")
+             f"{info['loss_first']:.2f} -> {info['loss_last']:.2f}, repeated random strings: "
+             f"NLL {first:.2f} first half, {second:.2f} second ({info['seconds']:.0f}s)")
         return info
 
     return {fam: _unit(work, fam, lambda i=i, fam=fam: build(i, fam))
-            for i, fam in enumerate(("llama", "qwen2", "mistral"))}
+            for i, fam in enumerate(_FAMILIES)}
 
 
 # ----------------------------------------------------------------------------- stage 3: experts
@@ -585,6 +615,7 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False, full: bool 
     """
     if fast and full:
         raise ValueError("run_demo: fast and full exclude each other")
+
     sizes = sizes or (FAST if fast else FULL if full else DEFAULT)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

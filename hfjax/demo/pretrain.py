@@ -38,7 +38,7 @@ from hfjax.models.decoder import forward
 from hfjax.training.loop import LoopSettings, run_loop
 from hfjax.training.objective import token_nll
 
-__all__ = ["PretrainConfig", "copy_rows", "pack_corpus", "pretrain"]
+__all__ = ["PretrainConfig", "copy_nll", "copy_rows", "mix_copy_rows", "pack_corpus", "pretrain"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +111,42 @@ def copy_rows(n_rows: int, seq_len: int, vocab_size: int, *, seed: int = 0,
                          f"{first_id}; got {n_rows}, {seq_len}, {vocab_size}")
     half = np.random.default_rng(seed).integers(first_id, vocab_size, (n_rows, seq_len // 2))
     return np.concatenate([half, half], axis=1).astype(np.int32)
+
+
+def mix_copy_rows(tokens: np.ndarray, fraction: float, vocab_size: int, *,
+                  seed: int = 0) -> np.ndarray:
+    """``tokens`` plus :func:`copy_rows` so that ``fraction`` of the rows are copy rows.
+
+    The rows are appended (``pretrain`` draws batches from a permutation, so they are
+    interleaved with the corpus); ``fraction=0`` returns ``tokens`` unchanged. Unlike a
+    warm-up phase before the corpus, mixed rows keep rewarding copying while the language is
+    learned, so the circuit is not unlearned afterwards.
+
+    Raises:
+        ValueError: unless ``0 <= fraction < 1``.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"copy row fraction must be in [0, 1), got {fraction}")
+    n = round(tokens.shape[0] * fraction / (1.0 - fraction))
+    if n == 0:
+        return tokens
+    rows = copy_rows(n, tokens.shape[1], vocab_size, seed=seed)
+    return np.concatenate([tokens, rows.astype(tokens.dtype)])
+
+
+def copy_nll(cfg: ModelConfig, params: Any, *, n_rows: int = 16, seq_len: int = 128,
+             seed: int = 12345) -> tuple[float, float]:
+    """Mean NLL of the first and the second half of fresh :func:`copy_rows`.
+
+    A model that copies predicts the second half (near 0) but not the first (about
+    ``log(vocab)``): the test of whether pretraining formed a copy circuit.
+    """
+    rows = jnp.asarray(copy_rows(n_rows, seq_len, cfg.vocab_size, seed=seed))
+    logits, _ = forward(params, cfg, rows, jnp.ones_like(rows), {})
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1)[..., 0]
+    half = seq_len // 2
+    return float(nll[:, : half - 1].mean()), float(nll[:, half:].mean())
 
 
 def _loss(params: Any, cfg: ModelConfig, ids: jax.Array) -> jax.Array:

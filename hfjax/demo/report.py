@@ -344,8 +344,12 @@ def write_report(out: Path, work: Path, sizes: Any,
             f"/ {s['kv_heads']} kv heads, vocab {m['vocab']}"
             + (f", sliding window {s['sliding_window']}" if s.get("sliding_window") else "")
             + f"; {m['params'] / 1e3:.0f}k params; "
-            + (f"copy warm-up {warm} steps (loss {m['copy_warmup_loss_last']:.2f}), "
-               if warm else "")
+            + (f"copy warm-up {m.get('copy_warmup_rounds') or 1} x {warm} steps "
+               f"(loss {m['copy_warmup_loss_last']:.2f}), " if warm else "")
+            + (f"{m['copy_rows']} of the packed rows random copy strings, "
+               if m.get("copy_rows") else "")
+            + (f"repeated random strings NLL {m['copy_nll'][0]:.2f} -> {m['copy_nll'][1]:.2f} "
+               "(first -> second half), " if m.get("copy_nll") else "")
             + f"pretrained {m['steps']} steps, loss {m['loss_first']:.2f} -> {m['loss_last']:.2f}")
     skipped = [f"- `{k}`: {v}" for k, v in study["skipped"].items()]
     alpha_lines = [f"- seed {s}: " + ", ".join(f"{g} {a:.3f}" for g, a in al.items())
