@@ -59,6 +59,11 @@ def test_every_stage_ran(demo: tuple[Path, dict[str, Any]]) -> None:
         text_rows = info["corpus_tokens"] / FAST.pretrain.seq_len
         share = info["copy_rows"] / (info["copy_rows"] + text_rows)
         assert abs(share - FAST.copy_row_fraction) < 0.01, fam
+        first, second = info["copy_nll"]  # the circuit check ran
+        assert first > 0 and second > 0, fam
+        # 10 warm-up steps never make a model copy, so every allowed round ran
+        assert info["copy_warmup_rounds"] == (
+            FAST.copy_warmup_rounds if FAST.copy_warmup_steps[fam] else 0), fam
     for fam, task in FAST.experts:
         assert (out / "experts" / f"{fam}_{task}" / "adapter" / "adapter_config.json").exists()
         for split in ("val", "test"):  # scored on its own base, from real generations

@@ -196,7 +196,7 @@ DEFAULT = DemoSizes(name="default")
 FAST = DemoSizes(
     name="fast", source_tasks={"qwen2": ("news", "relation"), "mistral": ("vehicle",)},
     n_train=64, n_val=8, n_replay=8, n_test=8, corpus_docs=600, copy_fraction=0.3,
-    copy_warmup_steps={"llama": 10, "qwen2": 0, "mistral": 0}, copy_warmup_rounds=1,
+    copy_warmup_steps={"llama": 10, "qwen2": 0, "mistral": 0}, copy_warmup_rounds=2,
     copy_row_fraction=0.2,
     shapes={"llama": FamilyShape("llama", 3, 32, 4, 2, 64, 512),
             "qwen2": FamilyShape("qwen2", 2, 24, 2, 1, 48, 640),

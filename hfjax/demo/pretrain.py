@@ -101,10 +101,10 @@ def copy_rows(n_rows: int, seq_len: int, vocab_size: int, *, seed: int = 0,
               first_id: int = 3) -> np.ndarray:
     """``(n_rows, seq_len)`` int32 rows, each a random token string followed by itself.
 
-    Only copying predicts the second half, so a few hundred steps on these form the
-    attention circuits (previous-token + induction heads) that a tiny model needs to copy
-    spans and that plain text does not teach it in that time. Ids below ``first_id`` (the
-    special tokens) are not used; ``seq_len`` must be even.
+    Only copying predicts the second half, so training on these forms a copy circuit that
+    plain text does not teach a tiny model in the demo's time; it is born after a plateau
+    of 500-2000 steps whose length varies from run to run (docs/demo.md). Ids below
+    ``first_id`` (the special tokens) are not used; ``seq_len`` must be even.
     """
     if seq_len % 2 or n_rows < 1 or vocab_size <= first_id:
         raise ValueError(f"copy_rows: need n_rows >= 1, an even seq_len and vocab_size > "
