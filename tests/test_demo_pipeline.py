@@ -196,4 +196,3 @@ def test_full_mode_adds_oracle_merges_and_replay_sweep(tmp_path: Path) -> None:
     report = Path(summary["report"]).read_text()
     assert "## Replay-size sweep (H6)" in report and "- H5: " in report
     assert "| 4 |" in report and f"| {sizes.n_replay} |" in report
-

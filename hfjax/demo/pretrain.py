@@ -36,7 +36,7 @@ import optax
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import forward
 from hfjax.training.loop import LoopSettings, run_loop
-from hfjax.training.objective import token_nll
+from hfjax.training.objective import IGNORE_INDEX, token_nll
 
 __all__ = ["PretrainConfig", "copy_nll", "copy_rows", "mix_copy_rows", "pack_corpus", "pretrain"]
 
@@ -143,10 +143,14 @@ def copy_nll(cfg: ModelConfig, params: Any, *, n_rows: int = 16, seq_len: int = 
     """
     rows = jnp.asarray(copy_rows(n_rows, seq_len, cfg.vocab_size, seed=seed))
     logits, _ = forward(params, cfg, rows, jnp.ones_like(rows), {})
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1)[..., 0]
+    pos = jnp.arange(seq_len)
     half = seq_len // 2
-    return float(nll[:, : half - 1].mean()), float(nll[:, half:].mean())
+    # the second half's first token is not copyable (nothing before it says a copy starts)
+    out = []
+    for keep in (pos < half, pos > half):
+        total, count = token_nll(logits, jnp.where(keep, rows, IGNORE_INDEX))
+        out.append(float(total / count))
+    return out[0], out[1]
 
 
 def _loss(params: Any, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
