@@ -3,7 +3,7 @@
     hfjax fuse --config FILE[:ARG] [--config.FIELD=VALUE ...] [--dry_run]
     hfjax train-lora --config FILE [--config.FIELD=VALUE ...]
     hfjax eval --model DIR [--adapter DIR] --data FILE.json [--out DIR]
-    hfjax demo [--out DIR] [--fast | --full]
+    hfjax demo [--out DIR] [--fast | --full] [--pretrain_bases]
     hfjax bench [--only small,mid,paper] [--skip-torch] [--skip-bridge] [--repeats N]
     hfjax memory
     hfjax tiny-zoo DIR
@@ -127,10 +127,14 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hfjax.demo.pipeline import run_demo
+    import dataclasses
 
-    summary = run_demo(args.out, fast=bool(args.fast), full=bool(args.full),
-                       progress=not args.quiet)
+    from hfjax.demo.pipeline import DEFAULT, FAST, FULL, run_demo
+
+    sizes = FAST if args.fast else FULL if args.full else DEFAULT
+    if args.pretrain_bases:
+        sizes = dataclasses.replace(sizes, shipped_bases=False)
+    summary = run_demo(args.out, sizes=sizes, progress=not args.quiet)
     text = Path(summary["report"]).read_text(encoding="utf-8")
     # The experts' ceiling, the study's tables and the verdicts; the rest stays in the file.
     start = text.index("## Experts on their own tasks")
@@ -301,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", action="store_true",
                       help="add a same-family oracle source (merges, projection) and a "
                            "replay-size sweep (tens of minutes)")
+    d.add_argument("--pretrain_bases", action="store_true",
+                   help="pretrain the base models here (~15 min on 2 cores) instead of "
+                        "copying the ones shipped for the default settings")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 

@@ -4,6 +4,7 @@ built from real runs, and a second call served entirely from the stage cache."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,12 @@ def test_every_stage_ran(demo: tuple[Path, dict[str, Any]]) -> None:
         # 10 warm-up steps never make a model copy, so every allowed round ran
         assert info["copy_warmup_rounds"] == (
             FAST.copy_warmup_rounds if FAST.copy_warmup_steps[fam] else 0), fam
+        # 40 steps never form a circuit either: every allowed seed was tried, the last kept
+        seeds = list(range(FAST.base_attempts))
+        assert [t["base_seed"] for t in info["seeds_tried"]] == seeds, fam
+        assert info["base_seed"] == seeds[-1] and info["seeds_tried"][-1]["copy_nll"] == [
+            first, second], fam
+        assert info["source"] == "pretrained here", fam
     for fam, task in FAST.experts:
         assert (out / "experts" / f"{fam}_{task}" / "adapter" / "adapter_config.json").exists()
         for split in ("val", "test"):  # scored on its own base, from real generations
@@ -152,6 +159,36 @@ def test_second_call_skips_every_stage(demo: tuple[Path, dict[str, Any]]) -> Non
     assert all(second["stages"][s]["skipped"] for s in STAGES)
     assert second["comparisons"] == first["comparisons"]
     assert time.time() - t0 < 30
+
+
+def test_models_stage_copies_shipped_bases_on_a_key_match(
+        demo: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Bases shipped for exactly this run's key are copied, not pretrained, and the marker
+    says where they came from; any other key pretrains (the fixture's run did)."""
+    from hfjax.demo import shipped
+
+    out, _ = demo
+    info = json.loads((out / "models.done").read_text())["info"]
+    assert {i["source"] for i in info.values()} == {"pretrained here"}
+    key = info["llama"]["bases_key"]
+    root = tmp_path / "bases"
+    for fam in info:
+        shutil.copytree(out / "models" / fam, root / fam)
+    (root / "manifest.json").write_text(json.dumps(
+        {"key": key, "info": info, "built": {"finished_at": "then"}}))
+    monkeypatch.setattr(shipped, "BASES_DIR", root)
+    summary = run_demo(tmp_path / "run", fast=True, progress=False, until="models")
+    assert list(summary["stages"]) == ["data", "models"]
+    assert summary["stages"]["models"]["seconds"] < 10  # copied, not pretrained
+    got = json.loads((tmp_path / "run" / "models.done").read_text())["info"]
+    assert all(got[f]["source"].startswith("shipped") for f in info)
+    for fam in info:
+        assert ((tmp_path / "run" / "models" / fam / "model.safetensors").read_bytes()
+                == (out / "models" / fam / "model.safetensors").read_bytes())
+    assert "shipped base (key" in capsys.readouterr().err
+    (root / "manifest.json").write_text(json.dumps({"key": "0" * 16, "info": info}))
+    assert shipped.copy_shipped(key, info, tmp_path / "other") is None
 
 
 def test_interrupted_study_resumes_at_its_first_unfinished_run(

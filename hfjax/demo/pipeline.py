@@ -4,12 +4,13 @@ says whether fusion transferred anything, in minutes on a CPU.
 No 8B checkpoints needed: everything is built here, each stage for real::
 
     data     5 synthetic UIE-style tasks (train / val / replay / test)   hfjax.testing.tasks
-    models   3 tokenizers + 3 briefly pretrained base models           hfjax.demo.pretrain
-             Llama (target) 4x64 GQA 4/2, Qwen2 3x48 GQA 4/1 + biases,
-             Mistral 5x40 MHA + sliding window, each its own vocabulary;
-             copy documents, random-string copy rows and copy warm-up
-             rounds can be mixed in (off by default: no recipe that fits
-             the 10 minutes made the experts copy spans, docs/demo.md)
+    models   3 tokenizers + 3 pretrained base models                   hfjax.demo.pretrain
+             Llama (target) 4x64 GQA 4/2, Qwen2 4x64 GQA 4/2 + biases,
+             Mistral 5x40 MHA + sliding window, each its own whole-word
+             vocabulary; half the packed rows are repeated random strings,
+             so each base forms a copy circuit (and the experts can copy
+             spans); built once and shipped (hfjax.demo.shipped), copied
+             when the settings match, else pretrained here (~15 min)
     experts  LoRA experts: Llama on movie (the target); Qwen2 on news    hfjax.training.lora_train
              and relation, Mistral on typing and vehicle (the sources);
              each scored on its own base, on its task's val and test split
@@ -44,12 +45,13 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from hfjax.atomic import write_json_atomic
 from hfjax.demo.pretrain import PretrainConfig
+from hfjax.demo.shipped import bases_key, copy_shipped
 from hfjax.machine import peak_rss_mb
 from hfjax.testing.models import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
 
@@ -86,6 +88,13 @@ class DemoSizes:
         vocab_sizes: Tokenizer vocabulary size per family (at most: from ~2200 on, every
             corpus word is one token; docs/demo.md).
         pretrain_steps: Pretraining steps per family.
+        base_seeds: Seed offset per family of its base's initialisation, batch order and copy
+            rows (0: the seeds of earlier versions); the shipped bases record theirs.
+        base_attempts: Pretrain a family's base from at most this many consecutive seeds
+            (from ``base_seeds``), stopping at the first that copies fresh random strings
+            (`copy_nll`: second half below half the first); the last one is kept.
+        shipped_bases: Copy the prebuilt bases shipped in ``hfjax/demo/bases`` when their
+            key equals this run's (`hfjax.demo.shipped`); False: always pretrain here.
         pretrain: Batch, length, learning rate of pretraining (``steps`` is per family).
         cutoff_len / min_bucket: Token limit and smallest padded length of training batches.
         lora_r: LoRA rank of every expert (all sources must share the target's rank).
@@ -94,7 +103,7 @@ class DemoSizes:
         fuse_epochs / fuse_batch / fuse_accum / fuse_lr: Fusion training over the replay set.
         block_size / embed_dim / num_heads / num_projections / max_pos: Transfer networks.
         eval_batch: Prompts per generate call (>= n_test: one call per task).
-        max_new_tokens: Generation limit (the longest answers are about 55 tokens).
+        max_new_tokens: Generation limit (the longest answers are about 30 tokens).
         seeds: Training seeds of every trained study row (fused, controls, tuned target).
         study_rows: The study's rows (`hfjax.study.plan.DEFAULT_ROWS` names; ``merge_*`` and
             ``project`` apply when a source shares the target's base, i.e. a Llama expert).
@@ -119,21 +128,25 @@ class DemoSizes:
         "llama": 0, "qwen2": 0, "mistral": 0})
     copy_warmup_lr: float = 1.5e-3
     copy_warmup_rounds: int = 1
-    copy_row_fraction: float = 0.0
-    shapes: Mapping[str, FamilyShape] = dataclasses.field(
-        default_factory=lambda: dict(DEFAULT_SHAPES))
+    copy_row_fraction: float = 0.5
+    shapes: Mapping[str, FamilyShape] = dataclasses.field(default_factory=lambda: {
+        **DEFAULT_SHAPES, "qwen2": FamilyShape("qwen2", 4, 64, 4, 2, 192, 640)})
     vocab_sizes: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
-        "llama": 1024, "qwen2": 1280, "mistral": 768})
+        "llama": 3072, "qwen2": 3072, "mistral": 3072})
     pretrain_steps: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
-        "llama": 300, "qwen2": 300, "mistral": 300})
-    pretrain: PretrainConfig = PretrainConfig(steps=0, batch_size=8, seq_len=128, lr=5e-3)
-    cutoff_len: int = 256
-    min_bucket: int = 256
+        "llama": 2500, "qwen2": 2500, "mistral": 2500})
+    base_seeds: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
+        "llama": 2, "qwen2": 0, "mistral": 0})
+    base_attempts: int = 3
+    shipped_bases: bool = True
+    pretrain: PretrainConfig = PretrainConfig(steps=0, batch_size=8, seq_len=128, lr=1.5e-3)
+    cutoff_len: int = 176
+    min_bucket: int = 176
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ALL_LINEAR
-    lora_epochs: int = 2
+    lora_epochs: int = 10
     lora_batch: int = 8
-    lora_lr: float = 1e-2
+    lora_lr: float = 3e-3
     fuse_epochs: int = 3
     fuse_batch: int = 8
     fuse_accum: int = 1
@@ -144,7 +157,7 @@ class DemoSizes:
     num_projections: int = 64
     max_pos: int = 64
     eval_batch: int = 50
-    max_new_tokens: int = 56
+    max_new_tokens: int = 48
     seeds: tuple[int, ...] = (0, 1)
     study_rows: tuple[str, ...] = ("base", "target", "fused", "zero_sources", "noise_sources",
                                    "mismatch_sources", "tuned_target")
@@ -171,8 +184,9 @@ class DemoSizes:
             "data": ("tasks", "n_train", "n_val", "n_replay", "n_test", "data_seed",
                      "replay_sweep"),
             "models": ("corpus_docs", "copy_fraction", "copy_warmup_steps", "copy_warmup_lr",
-                       "copy_warmup_rounds", "copy_row_fraction",
-                       "shapes", "vocab_sizes", "pretrain_steps", "pretrain"),
+                       "copy_warmup_rounds", "copy_row_fraction", "shapes", "vocab_sizes",
+                       "pretrain_steps", "base_seeds", "base_attempts", "pretrain",
+                       "shipped_bases"),
             "experts": ("experts", "cutoff_len", "min_bucket", "lora_r", "lora_targets",
                         "lora_epochs", "lora_batch", "lora_lr", "eval_batch", "max_new_tokens"),
             "study": ("fuse_epochs", "fuse_batch", "fuse_accum", "fuse_lr", "block_size",
@@ -197,7 +211,7 @@ FAST = DemoSizes(
     name="fast", source_tasks={"qwen2": ("news", "relation"), "mistral": ("vehicle",)},
     n_train=64, n_val=8, n_replay=8, n_test=8, corpus_docs=600, copy_fraction=0.3,
     copy_warmup_steps={"llama": 10, "qwen2": 0, "mistral": 0}, copy_warmup_rounds=2,
-    copy_row_fraction=0.2,
+    copy_row_fraction=0.2, base_seeds={"llama": 0, "qwen2": 0, "mistral": 0}, base_attempts=2,
     shapes={"llama": FamilyShape("llama", 3, 32, 4, 2, 64, 512),
             "qwen2": FamilyShape("qwen2", 2, 24, 2, 1, 48, 640),
             "mistral": FamilyShape("mistral", 4, 32, 4, 4, 64, 448, sliding_window=32)},
@@ -274,12 +288,18 @@ class _Ctx:
 
 
 # ----------------------------------------------------------------------------- stage 1: data
+def _splits(s: DemoSizes) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    from hfjax.testing import tasks
+
+    return {t: tasks.make_splits(t, n_train=s.n_train, n_replay=s.n_replay, n_test=s.n_test,
+                                 n_val=s.n_val, seed=s.data_seed) for t in s.tasks}
+
+
 def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
     from hfjax.testing import tasks
 
     s = ctx.sizes
-    splits = {t: tasks.make_splits(t, n_train=s.n_train, n_replay=s.n_replay, n_test=s.n_test,
-                                   n_val=s.n_val, seed=s.data_seed) for t in s.tasks}
+    splits = _splits(s)
     for n in s.replay_sweep:  # nested subsets: the first n records of the replay split
         if not 0 < n < s.n_replay:
             raise ValueError(f"replay_sweep: {n} must be in 1..{s.n_replay - 1} (n_replay)")
@@ -292,6 +312,19 @@ def _stage_data(ctx: _Ctx, work: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- stage 2: models
+def models_key(sizes: DemoSizes, held_out_inputs: Iterable[str]) -> str:
+    """The key of the bases ``sizes`` builds (`hfjax.demo.shipped.bases_key`)."""
+    params = {k: v for k, v in sizes.stage_params("models").items() if k != "shipped_bases"}
+    return bases_key(params, held_out_inputs)
+
+
+def default_models_key(sizes: DemoSizes | None = None) -> str:
+    """`models_key` of ``sizes`` (default: `DEFAULT`), its held-out inputs made in memory."""
+    s = sizes or DEFAULT
+    held_out = {r["input"] for sp in _splits(s).values() for r in (*sp["val"], *sp["test"])}
+    return models_key(s, held_out)
+
+
 def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
     import jax
 
@@ -303,30 +336,39 @@ def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
     from hfjax.training.data import load_alpaca
 
     s = ctx.sizes
+    if s.base_attempts < 1:
+        raise ValueError(f"base_attempts must be >= 1, got {s.base_attempts}")
     data = ctx.final("data")
     held_out = {r["input"] for t in s.tasks for split in ("val", "test")
                 for r in load_alpaca(data / f"{t}_{split}.json")}
+    key = models_key(s, held_out)
+    if s.shipped_bases:
+        shipped = copy_shipped(key, _FAMILIES, work)
+        if shipped is not None:
+            for fam, info in shipped.items():
+                _log(f"   {fam}: shipped base (key {key}), repeated random strings: NLL "
+                     f"{info['copy_nll'][0]:.2f} first half, {info['copy_nll'][1]:.2f} second")
+            return shipped
+        _log(f"   no shipped bases with key {key}: pretraining here (minutes per family)")
     corpus = tasks.pretraining_corpus(s.corpus_docs, seed=s.data_seed,
                                       copy_fraction=s.copy_fraction, exclude_inputs=held_out)
 
-    def build(i: int, fam: str) -> dict[str, Any]:
-        t0 = time.time()
-        tok = train_tokenizer(corpus, fam, s.vocab_sizes[fam], work / f"tokenizer_{fam}")
-        shape = s.shapes[fam]
-        cfg = model_config(shape, tok)
-        pcfg = dataclasses.replace(s.pretrain, steps=s.pretrain_steps[fam], seed=i)
-        text_rows = pack_corpus(corpus, tok, pcfg.seq_len)
-        tokens = mix_copy_rows(text_rows, s.copy_row_fraction, cfg.vocab_size, seed=1000 + i)
-        params = init_params(cfg, jax.random.PRNGKey(100 + i))
+    def pretrain_seed(i: int, fam: str, cfg: Any, text_rows: Any, seed: int
+                      ) -> tuple[Any, dict[str, Any]]:
+        """One base pretrained from seed offset ``seed``: warm-up rounds, then the corpus."""
+        k = i + 10 * seed  # seed 0: the seeds of earlier versions
+        pcfg = dataclasses.replace(s.pretrain, steps=s.pretrain_steps[fam], seed=k)
+        tokens = mix_copy_rows(text_rows, s.copy_row_fraction, cfg.vocab_size, seed=1000 + k)
+        params = init_params(cfg, jax.random.PRNGKey(100 + k))
         warm = s.copy_warmup_steps.get(fam, 0)
         warm_losses: list[float] = []
         rounds = 0
         for rounds in range(1, s.copy_warmup_rounds + 1 if warm else 1):
             # a copy circuit is born after a plateau of uneven length: warm up again (fresh
             # strings) until the model copies, at most copy_warmup_rounds times
-            seed = i + 97 * (rounds - 1)  # round 1: the single warm-up of earlier versions
-            wcfg = dataclasses.replace(pcfg, steps=warm, lr=s.copy_warmup_lr, seed=seed)
-            rows = copy_rows(warm * wcfg.batch_size, wcfg.seq_len, cfg.vocab_size, seed=seed)
+            wseed = k + 97 * (rounds - 1)  # round 1: the single warm-up of earlier versions
+            wcfg = dataclasses.replace(pcfg, steps=warm, lr=s.copy_warmup_lr, seed=wseed)
+            rows = copy_rows(warm * wcfg.batch_size, wcfg.seq_len, cfg.vocab_size, seed=wseed)
             params, losses = pretrain(cfg, params, rows, wcfg, progress=ctx.progress,
                                       desc=f"copy warm-up {fam} ({rounds})")
             warm_losses += losses
@@ -336,26 +378,47 @@ def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
             if second < 0.5 * first:
                 break
         params, losses = pretrain(cfg, params, tokens, pcfg, progress=ctx.progress,
-                                  desc=f"pretrain {fam}")
+                                  desc=f"pretrain {fam} (seed {seed})")
         first, second = copy_nll(cfg, params, seq_len=pcfg.seq_len)
+        return params, {
+            "base_seed": seed, "copy_rows": int(tokens.shape[0] - text_rows.shape[0]),
+            "copy_nll": [round(first, 3), round(second, 3)], "steps": pcfg.steps,
+            "loss_first": round(losses[0], 4),
+            "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+            "losses": [round(x, 4) for x in losses], "copy_warmup_steps": warm,
+            "copy_warmup_rounds": rounds,
+            "copy_warmup_loss_last": (round(sum(warm_losses[-10:]) / len(warm_losses[-10:]), 4)
+                                      if warm_losses else None)}
+
+    def build(i: int, fam: str) -> dict[str, Any]:
+        t0 = time.time()
+        tok = train_tokenizer(corpus, fam, s.vocab_sizes[fam], work / f"tokenizer_{fam}")
+        shape = s.shapes[fam]
+        cfg = model_config(shape, tok)
+        text_rows = pack_corpus(corpus, tok, s.pretrain.seq_len)
+        tried = []
+        for attempt in range(s.base_attempts):
+            # the circuit is not born in every run: the next seed, while the base cannot copy
+            params, run = pretrain_seed(i, fam, cfg, text_rows, s.base_seeds.get(fam, 0) + attempt)
+            tried.append({"base_seed": run["base_seed"], "copy_nll": run["copy_nll"]})
+            first, second = run["copy_nll"]
+            if second < 0.5 * first:
+                break
+            if attempt + 1 < s.base_attempts:
+                _log(f"   {fam}: seed {run['base_seed']} did not form a copy circuit "
+                     f"(random strings NLL {first:.2f} / {second:.2f}): the next seed")
         build_base_model(work / fam, shape, tok, params=params)
         shutil.rmtree(work / f"tokenizer_{fam}")
         n_params = sum(x.size for x in jax.tree.leaves(params))
         info = {"shape": dataclasses.asdict(shape), "vocab": cfg.vocab_size,
-                "params": int(n_params), "corpus_tokens": int(text_rows.size),
-                "copy_rows": int(tokens.shape[0] - text_rows.shape[0]),
-                "copy_nll": [round(first, 3), round(second, 3)], "steps": pcfg.steps,
-                "loss_first": round(losses[0], 4),
-                "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-                "losses": [round(x, 4) for x in losses], "copy_warmup_steps": warm,
-                "copy_warmup_rounds": rounds,
-                "copy_warmup_loss_last": (round(sum(warm_losses[-10:]) / len(warm_losses[-10:]), 4)
-                                          if warm_losses else None),
-                "seconds": round(time.time() - t0, 1)}
+                "params": int(n_params), "corpus_tokens": int(text_rows.size), **run,
+                "seeds_tried": tried, "seconds": round(time.time() - t0, 1),
+                "source": "pretrained here", "bases_key": key}
         _log(f"   {fam}: {shape.layers} layers x {shape.hidden}, {shape.heads}/{shape.kv_heads} "
              f"heads, vocab {cfg.vocab_size}, {n_params / 1e3:.0f}k params; loss "
              f"{info['loss_first']:.2f} -> {info['loss_last']:.2f}, repeated random strings: "
-             f"NLL {first:.2f} first half, {second:.2f} second ({info['seconds']:.0f}s)")
+             f"NLL {first:.2f} first half, {second:.2f} second (seed {run['base_seed']}, "
+             f"{info['seconds']:.0f}s)")
         return info
 
     return {fam: _unit(work, fam, lambda i=i, fam=fam: build(i, fam))
@@ -545,7 +608,7 @@ _STAGE_FUNCS: dict[str, Callable[[_Ctx, Path], dict[str, Any]]] = {
 
 _STAGE_TITLES = {
     "data": "synthetic tasks (train / val / replay / test)",
-    "models": "tokenizers + briefly pretrained base models (Llama, Qwen2, Mistral)",
+    "models": "tokenizers + pretrained base models (Llama, Qwen2, Mistral), shipped or built here",
     "experts": "LoRA experts (Llama target, Qwen2 + Mistral sources), scored on val and test",
     "study": "HeteroFusion, its controls and the tuned target at every seed, scored on test",
     "report": "report.md: hypotheses, study table and verdicts, plots",
@@ -596,7 +659,8 @@ def _run_stage(ctx: _Ctx, index: int, stage: str, key: dict[str, Any], t_start: 
 
 
 def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False, full: bool = False,
-             progress: bool = True, sizes: DemoSizes | None = None) -> dict[str, Any]:
+             progress: bool = True, sizes: DemoSizes | None = None,
+             until: str = "report") -> dict[str, Any]:
     """Run (or resume) the demo job into ``out_dir``; return its summary.
 
     Args:
@@ -605,6 +669,9 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False, full: bool 
         full: `FULL` (the oracle Llama source, merges, projection, the replay sweep).
         progress: Progress bars and per-step lines (stage headers are always printed).
         sizes: Explicit sizes (tests); overrides ``fast`` and ``full``.
+        until: The last stage to run (e.g. ``"models"``: `scripts/build_demo_bases.py`);
+            before ``"report"``, only ``out_dir``, ``sizes``, ``stages`` and ``seconds``
+            are returned.
 
     Returns:
         ``{"out_dir", "sizes", "stages": {stage: {"seconds", "skipped", "peak_rss_mb"}},
@@ -615,6 +682,8 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False, full: bool 
     """
     if fast and full:
         raise ValueError("run_demo: fast and full exclude each other")
+    if until not in STAGES:
+        raise ValueError(f"run_demo: until={until!r} is not a stage ({', '.join(STAGES)})")
 
     sizes = sizes or (FAST if fast else FULL if full else DEFAULT)
     out = Path(out_dir)
@@ -633,6 +702,11 @@ def run_demo(out_dir: str | os.PathLike[str], *, fast: bool = False, full: bool 
         rerun = rerun or not m["skipped"]
         stages[stage] = {"seconds": m["seconds"], "skipped": m["skipped"],
                          "peak_rss_mb": m["peak_rss_mb"]}
+        if stage == until:
+            break
+    if until != STAGES[-1]:
+        return {"out_dir": str(out), "sizes": sizes.name, "stages": stages,
+                "seconds": round(time.time() - t_start, 2)}
     study = _read_json(out / "study" / "study.json")
     experts = _read_json(out / "experts.done")["info"]
     comparisons = _read_json(out / "report" / "comparisons.json")

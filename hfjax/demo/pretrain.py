@@ -1,9 +1,11 @@
-"""Brief full-parameter pretraining of the demo's tiny base models, in JAX.
+"""Full-parameter pretraining of the demo's tiny base models, in JAX.
 
 A randomly initialised base model makes a poor LoRA host: every expert would have to learn
-the language from scratch through rank-r updates. So each family's base is first trained for
-a minute or less on :func:`hfjax.testing.tasks.pretraining_corpus` text with plain next-token
-prediction::
+the language from scratch through rank-r updates. So each family's base is first trained on
+:func:`hfjax.testing.tasks.pretraining_corpus` text with plain next-token prediction (the
+default demo: 2500 steps, half the packed rows repeated random strings, :func:`mix_copy_rows`,
+so that a copy circuit forms; about 3-5 minutes per family on 2 cores, which is why those
+bases are built once and shipped, `hfjax.demo.shipped`)::
 
     docs    = pretraining_corpus(4000, seed=0)                   # list[str]
     tokens  = pack_corpus(docs, tokenizer, seq_len=128)           # int32 (n_rows, 128)

@@ -350,7 +350,8 @@ def write_report(out: Path, work: Path, sizes: Any,
                if m.get("copy_rows") else "")
             + (f"repeated random strings NLL {m['copy_nll'][0]:.2f} -> {m['copy_nll'][1]:.2f} "
                "(first -> second half), " if m.get("copy_nll") else "")
-            + f"pretrained {m['steps']} steps, loss {m['loss_first']:.2f} -> {m['loss_last']:.2f}")
+            + f"pretrained {m['steps']} steps, loss {m['loss_first']:.2f} -> {m['loss_last']:.2f}"
+            + (f"; {m['source']}" if m.get("source") else ""))
     skipped = [f"- `{k}`: {v}" for k, v in study["skipped"].items()]
     alpha_lines = [f"- seed {s}: " + ", ".join(f"{g} {a:.3f}" for g, a in al.items())
                    for s, al in alphas.items()]
