@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from hfjax.atomic import write_json_atomic
-from hfjax.demo.pipeline import _FAMILIES, DEFAULT, default_models_key, run_demo
+from hfjax.demo.pipeline import DEFAULT, FAMILIES, default_models_key, run_demo
 from hfjax.demo.shipped import BASES_DIR, read_manifest
 from hfjax.machine import cpu_model
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     run_demo(work, sizes=sizes, until="models", progress=not a.no_progress)
     marker = json.loads((work / "models.done").read_text(encoding="utf-8"))
     info = marker["info"]
-    if any(info[fam].get("bases_key") != key for fam in _FAMILIES):
+    if any(info[fam].get("bases_key") != key for fam in FAMILIES):
         print(f"{work / 'models.done'}: its bases were built for another key than {key}",
               file=sys.stderr)
         return 1
@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     staging = a.dest.with_name(a.dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for fam in _FAMILIES:
+    for fam in FAMILIES:
         shutil.copytree(work / "models" / fam, staging / fam)
     write_json_atomic(staging / "manifest.json", {
         "key": key,
         "info": {fam: {k: v for k, v in info[fam].items() if k != "source"}
-                 for fam in _FAMILIES},
+                 for fam in FAMILIES},
         "built": {"finished_at": marker["finished_at"], "seconds": marker["seconds"],
                   "cpu": cpu_model(), "python": platform.python_version()},
     }, indent=1)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
     size = sum(f.stat().st_size for f in a.dest.rglob("*") if f.is_file())
-    print(f"shipped {', '.join(_FAMILIES)} to {a.dest} (key {key}, {size / 2**20:.1f} MiB, "
+    print(f"shipped {', '.join(FAMILIES)} to {a.dest} (key {key}, {size / 2**20:.1f} MiB, "
           f"built in {time.time() - t0:.0f}s)")
     return 0
 

@@ -233,3 +233,18 @@ def test_full_mode_adds_oracle_merges_and_replay_sweep(tmp_path: Path) -> None:
     report = Path(summary["report"]).read_text()
     assert "## Replay-size sweep (H6)" in report and "- H5: " in report
     assert "| 4 |" in report and f"| {sizes.n_replay} |" in report
+
+
+def test_cli_pretrain_bases_turns_the_shipped_bases_off(
+        demo: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hfjax import cli
+    from hfjax.demo import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_demo", lambda out, **kw: seen.append(kw) or demo[1])
+    assert cli.main(["demo", "--fast", "--quiet", "--out", str(demo[0])]) == 0
+    assert cli.main(["demo", "--pretrain_bases", "--out", str(demo[0])]) == 0
+    assert seen[0]["sizes"] == FAST and not seen[0]["progress"]
+    assert seen[1]["sizes"].name == "default" and not seen[1]["sizes"].shipped_bases
+    assert "## Experts on their own tasks" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from hfjax.demo import shipped
-from hfjax.demo.pipeline import _FAMILIES, DEFAULT, FULL, default_models_key
+from hfjax.demo.pipeline import DEFAULT, FAMILIES, FULL, default_models_key
 from hfjax.demo.pretrain import copy_nll
 from hfjax.loading import from_pretrained
 
@@ -29,7 +29,7 @@ def test_shipped_key_matches_default() -> None:
 
 
 @needs_bases
-@pytest.mark.parametrize("family", _FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shipped_base_is_what_its_manifest_says(family: str) -> None:
     info = MANIFEST["info"][family]
     model = from_pretrained(shipped.BASES_DIR / family, jnp.float32)

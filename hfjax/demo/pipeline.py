@@ -55,11 +55,12 @@ from hfjax.demo.shipped import bases_key, copy_shipped
 from hfjax.machine import peak_rss_mb
 from hfjax.testing.models import ALL_LINEAR, DEFAULT_SHAPES, FamilyShape
 
-__all__ = ["DEFAULT", "FAST", "FULL", "STAGES", "DemoSizes", "run_demo"]
+__all__ = ["DEFAULT", "FAMILIES", "FAST", "FULL", "STAGES", "DemoSizes", "default_models_key",
+           "models_key", "run_demo"]
 
 STAGES: tuple[str, ...] = ("data", "models", "experts", "study", "report")
 #: The zoo's model families, in the order their bases are built (and seeded).
-_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral")
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral")
 #: Bumped when a stage's outputs change meaning, so old caches are not reused.
 _VERSION = 2
 
@@ -343,7 +344,7 @@ def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
                 for r in load_alpaca(data / f"{t}_{split}.json")}
     key = models_key(s, held_out)
     if s.shipped_bases:
-        shipped = copy_shipped(key, _FAMILIES, work)
+        shipped = copy_shipped(key, FAMILIES, work)
         if shipped is not None:
             for fam, info in shipped.items():
                 _log(f"   {fam}: shipped base (key {key}), repeated random strings: NLL "
@@ -422,7 +423,7 @@ def _stage_models(ctx: _Ctx, work: Path) -> dict[str, Any]:
         return info
 
     return {fam: _unit(work, fam, lambda i=i, fam=fam: build(i, fam))
-            for i, fam in enumerate(_FAMILIES)}
+            for i, fam in enumerate(FAMILIES)}
 
 
 # ----------------------------------------------------------------------------- stage 3: experts
