@@ -12,6 +12,7 @@ import pytest
 from hfjax.demo import shipped
 from hfjax.demo.pipeline import DEFAULT, FAMILIES, FULL, default_models_key
 from hfjax.demo.pretrain import copy_nll
+from hfjax.errors import UserError
 from hfjax.loading import from_pretrained
 
 MANIFEST = shipped.read_manifest()
@@ -74,10 +75,10 @@ def test_copy_shipped_copies_only_on_a_key_match(tmp_path: Path) -> None:
 
 def test_bad_manifest_is_one_line_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"manifest\.json: not valid JSON"):
+    with pytest.raises(UserError, match=r"manifest\.json: not valid JSON"):
         shipped.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text('{"key": "x"}')
-    with pytest.raises(ValueError, match=r"manifest\.json: .*needs 'key' and 'info'"):
+    with pytest.raises(UserError, match=r"manifest\.json: .*needs 'key' and 'info'"):
         shipped.read_manifest(tmp_path)
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hfjax.errors import UserError
+
 __all__ = ["BASES_DIR", "bases_key", "copy_shipped", "read_manifest"]
 
 #: Where the shipped bases live (package data).
@@ -42,8 +44,8 @@ def read_manifest(root: Path | None = None) -> dict[str, Any] | None:
     """The manifest of the bases shipped in ``root`` (default `BASES_DIR`), or None.
 
     Raises:
-        ValueError: a manifest that does not parse or lacks ``key`` / ``info`` (one line
-            naming the file).
+        UserError: a manifest that does not parse or lacks ``key`` / ``info`` (one line
+            naming the file; the CLI prints it and exits 2).
     """
     path = (root or BASES_DIR) / _MANIFEST
     if not path.is_file():
@@ -51,9 +53,9 @@ def read_manifest(root: Path | None = None) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or not {"key", "info"} <= manifest.keys():
-        raise ValueError(f"{path}: a shipped-bases manifest needs 'key' and 'info'")
+        raise UserError(f"{path}: a shipped-bases manifest needs 'key' and 'info'")
     return manifest
 
 
