@@ -180,13 +180,16 @@ def test_models_stage_copies_shipped_bases_on_a_key_match(
     monkeypatch.setattr(shipped, "BASES_DIR", root)
     summary = run_demo(tmp_path / "run", fast=True, progress=False, until="models")
     assert list(summary["stages"]) == ["data", "models"]
-    assert summary["stages"]["models"]["seconds"] < 10  # copied, not pretrained
+    # copied, not pretrained: no per-family pretraining unit ran (the fixture's run has them)
+    assert (out / "models" / ".units").is_dir()
+    assert not (tmp_path / "run" / "models" / ".units").exists()
     got = json.loads((tmp_path / "run" / "models.done").read_text())["info"]
     assert all(got[f]["source"].startswith("shipped") for f in info)
     for fam in info:
         assert ((tmp_path / "run" / "models" / fam / "model.safetensors").read_bytes()
                 == (out / "models" / fam / "model.safetensors").read_bytes())
-    assert "shipped base (key" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "shipped base (key" in err and "pretraining here" not in err
     (root / "manifest.json").write_text(json.dumps({"key": "0" * 16, "info": info}))
     assert shipped.copy_shipped(key, info, tmp_path / "other") is None
 
